@@ -1,0 +1,182 @@
+"""Kernel benchmark: commlib's compiled ops against torch.clone's bandwidth and the pure-torch references.
+
+    python benchmarks/bench_kernels.py [--numel 67108864] [--topk-numel 16777216] [--runs 7]
+
+For each op: median time, effective bandwidth (bytes read + written per second), the ratio to
+``torch.clone``'s bandwidth on the same input measured in the same run (the machine's practical
+memcpy limit), and the speed-up over the op's pure-PyTorch reference (``commlib/ops/_reference.py``).
+Top-k is also compared with ``torch.topk`` and its threshold mode reports recall and captured energy.
+Writes ``benchmarks/results/bench_kernels.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import commlib
+from commlib import ops
+from commlib.ops import _reference as ref
+
+
+def median_time(fn, runs: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--numel", type=int, default=64 * 2**20, help="floats for packing / quantization")
+    parser.add_argument("--topk-numel", type=int, default=16 * 2**20, help="floats for top-k")
+    parser.add_argument("--density", type=float, default=0.01)
+    parser.add_argument("--runs", type=int, default=7, help="timed runs per kernel (median)")
+    parser.add_argument("--ref-runs", type=int, default=3, help="timed runs per reference (median)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_kernels.json"))
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    print("command:", " ".join([sys.executable, *sys.argv]))
+    backend = commlib.kernel_backend("cpu")
+    print(f"torch {torch.__version__}, {args.threads} threads, kernel backend: {backend}")
+    if backend != "cpp":
+        print("warning: compiled kernels are not loaded; 'kernel' timings below are the references")
+
+    n = args.numel
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=gen)
+    clone_s = median_time(lambda: x.clone(), args.runs)
+    clone_bw = 2 * 4 * n / clone_s
+    print(f"torch.clone of {n} floats: {clone_s * 1e3:.1f} ms, {clone_bw / 1e9:.2f} GB/s (read + write)\n")
+
+    packed, scales = ops.sign_pack(x, 0)
+    codes8, qs8 = ops.qsgd_quantize(x, 8, 512, 1)
+    codes4, qs4 = ops.qsgd_quantize(x, 4, 512, 1)
+    cases = [
+        ("sign_pack", lambda: ops.sign_pack(x, 0), lambda: ref.sign_pack(x, 0), 4 * n + n // 8 + 4),
+        (
+            "sign_unpack",
+            lambda: ops.sign_unpack(packed, scales, n, 0),
+            lambda: ref.sign_unpack(packed, scales, n, 0, torch.float32),
+            n // 8 + 4 * n,
+        ),
+        (
+            "qsgd_quantize 8b",
+            lambda: ops.qsgd_quantize(x, 8, 512, 1),
+            lambda: ref.qsgd_quantize(x, 8, 512, 1),
+            4 * n + n + 4 * n // 512,
+        ),
+        (
+            "qsgd_dequantize 8b",
+            lambda: ops.qsgd_dequantize(codes8, qs8, 8, 512, n),
+            lambda: ref.qsgd_dequantize(codes8, qs8, 8, 512, n, torch.float32),
+            n + 4 * n // 512 + 4 * n,
+        ),
+        (
+            "qsgd_quantize 4b",
+            lambda: ops.qsgd_quantize(x, 4, 512, 1),
+            lambda: ref.qsgd_quantize(x, 4, 512, 1),
+            4 * n + n // 2 + 4 * n // 512,
+        ),
+        (
+            "qsgd_dequantize 4b",
+            lambda: ops.qsgd_dequantize(codes4, qs4, 4, 512, n),
+            lambda: ref.qsgd_dequantize(codes4, qs4, 4, 512, n, torch.float32),
+            n // 2 + 4 * n // 512 + 4 * n,
+        ),
+    ]
+    rows = []
+    header = f"{'op':<22}{'kernel ms':>11}{'GB/s':>8}{'vs clone':>10}{'ref ms':>10}{'vs ref':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, kernel, reference, nbytes in cases:
+        k_s = median_time(kernel, args.runs)
+        r_s = median_time(reference, args.ref_runs, warmup=0)
+        row = {
+            "op": name,
+            "numel": n,
+            "kernel_ms": k_s * 1e3,
+            "reference_ms": r_s * 1e3,
+            "bytes_moved": nbytes,
+            "gb_per_s": nbytes / k_s / 1e9,
+            "vs_clone_bandwidth": (nbytes / k_s) / clone_bw,
+            "vs_clone_time": clone_s / k_s,
+            "speedup_vs_reference": r_s / k_s,
+        }
+        rows.append(row)
+        print(
+            f"{name:<22}{row['kernel_ms']:>11.1f}{row['gb_per_s']:>8.2f}{row['vs_clone_bandwidth']:>9.2f}x"
+            f"{row['reference_ms']:>10.0f}{row['speedup_vs_reference']:>8.1f}x"
+        )
+
+    # top-k at `density` of topk-numel floats
+    m = args.topk_numel
+    y = torch.randn(m, generator=gen)
+    k = max(1, int(args.density * m))
+    topk_s = median_time(lambda: torch.topk(y.abs(), k), args.ref_runs)
+    exact_s = median_time(lambda: ops.topk_abs(y, k, True), args.runs)
+    thr_s = median_time(lambda: ops.topk_abs(y, k, False), args.runs)
+    ref_s = median_time(lambda: ref.topk_abs(y, k, True), args.ref_runs, warmup=0)
+    _, exact_idx = ops.topk_abs(y, k, True)
+    thr_vals, thr_idx = ops.topk_abs(y, k, False)
+    recall = torch.isin(thr_idx, exact_idx).sum().item() / k
+    energy = thr_vals.pow(2).sum().item() / y[exact_idx.long()].pow(2).sum().item()
+    clone_m_s = median_time(lambda: y.clone(), args.runs)
+    print(f"\ntop-k of {m} floats at density {args.density} (k = {k}); torch.topk(|x|, k): {topk_s * 1e3:.1f} ms")
+    header = f"{'mode':<12}{'ms':>9}{'vs torch.topk':>15}{'vs ref':>9}{'read GB/s':>11}{'vs clone':>10}"
+    print(header)
+    print("-" * len(header))
+    for mode, s in [("exact", exact_s), ("threshold", thr_s)]:
+        row = {
+            "op": f"topk_abs {mode}",
+            "numel": m,
+            "k": k,
+            "kernel_ms": s * 1e3,
+            "torch_topk_ms": topk_s * 1e3,
+            "reference_ms": ref_s * 1e3,
+            "speedup_vs_torch_topk": topk_s / s,
+            "speedup_vs_reference": ref_s / s,
+            "gb_per_s": 4 * m / s / 1e9,
+            "vs_clone_time": clone_m_s / s,
+        }
+        if mode == "threshold":
+            row.update(recall=recall, energy_captured=energy)
+        rows.append(row)
+        print(
+            f"{mode:<12}{s * 1e3:>9.1f}{topk_s / s:>14.1f}x{ref_s / s:>8.1f}x{4 * m / s / 1e9:>11.2f}"
+            f"{clone_m_s / s:>9.2f}x"
+        )
+    print(f"threshold mode: recall of the exact top-k {recall:.4f}, energy captured {energy:.4f}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "command": " ".join(sys.argv),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "backend": backend,
+        "machine": platform.processor() or platform.machine(),
+        "clone_ms": clone_s * 1e3,
+        "clone_gb_per_s": clone_bw / 1e9,
+        "rows": rows,
+    }
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

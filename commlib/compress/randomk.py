@@ -1,0 +1,80 @@
+"""Random-k sparsification with indices from a shared seed (Stich et al., 2018)."""
+
+import torch
+
+from commlib.compress.base import Compressor, Payload, derive_seed, numel_of, require_fraction, require_int
+from commlib.compress.topk import topk_count
+
+
+def random_indices(numel: int, k: int, seed: int, device) -> torch.Tensor:
+    """k distinct indices in [0, numel), ascending, from a private generator seeded with ``seed``."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    idx = torch.randperm(numel, generator=gen)[:k]
+    return torch.sort(idx).values.to(device)
+
+
+class RandomK(Compressor):
+    r"""Keeps ``k = ceil(density * n)`` entries at indices drawn from ``(seed, call seed)``.
+
+    Every rank draws the same indices, so only the values travel and payloads add up under an
+    allreduce (``summable``). If ``x`` holds inf/NaN anywhere, every value sent is NaN, so an
+    overflow is never sampled away. ``unbiased=True`` scales by ``n / k`` so ``E[C(x)] = x``; the
+    default (False) is the contraction ``E||C(x) - x||^2 = (1 - k/n) ||x||^2`` suited to
+    error feedback. The global RNG is never touched.
+
+    Arguments:
+        density: fraction kept, in (0, 1].
+        seed: base seed; hooks mix in the step and the layer so indices change every step.
+        unbiased: scale by n / k.
+
+    Example::
+
+        >>> import torch
+        >>> from commlib.compress import RandomK
+        >>> c = RandomK(density=0.25, seed=0)
+        >>> t = torch.arange(8.0)
+        >>> p = c.compress(t, seed=7)
+        >>> p.wire_bytes(), c.nbytes(t.shape)
+        (8, 8)
+    """
+
+    summable = True
+    name = "randomk"
+
+    def __init__(self, density: float = 0.01, seed: int = 0, unbiased: bool = False):
+        self.density = require_fraction("density", density)
+        self.seed = require_int("seed", seed, 0)
+        if not isinstance(unbiased, bool):
+            raise ValueError(f"unbiased must be True or False, got {unbiased!r}")
+        self.unbiased = unbiased
+
+    def config(self):
+        return {"density": self.density, "seed": self.seed, "unbiased": self.unbiased}
+
+    def compress(self, tensor, *, seed=0):
+        n = tensor.numel()
+        k = topk_count(n, self.density)
+
+        indices = random_indices(n, k, derive_seed(self.seed, seed), tensor.device)
+        flat = tensor.reshape(-1)
+        values = flat[indices]
+        if self.unbiased and k:
+            values = values * (n / k)
+        # A non-finite value outside the sample must still reach the receiver (GradScaler has to
+        # see the overflow): sum * 0 is 0 for finite input and NaN otherwise.
+        values = values + (flat.sum(dtype=torch.float32) * 0).to(values.dtype)
+        return Payload((values,), tensor.shape, tensor.dtype, context=(indices,))
+
+    def decompress(self, payload):
+        out = torch.zeros(numel_of(payload.shape), dtype=payload.dtype, device=payload.tensors[0].device)
+        return self.decompress_add_(out, payload).view(payload.shape)
+
+    def decompress_add_(self, out, payload):
+        (values,), (indices,) = payload.tensors, payload.context
+        flat = out.view(-1)
+        flat.index_add_(0, indices, values.to(flat.dtype))
+        return out
+
+    def nbytes(self, shape, dtype=torch.float32):
+        return topk_count(numel_of(shape), self.density) * torch.empty((), dtype=dtype).element_size()

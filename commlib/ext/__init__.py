@@ -1,0 +1,1 @@
+"""``python -m commlib.ext build|info``: warm the kernel cache before launching ranks, or show it."""

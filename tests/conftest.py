@@ -1,0 +1,100 @@
+"""Shared test helpers: the gloo world harness ``run_world`` and small fixtures."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class WorkerError(RuntimeError):
+    """A rank of a ``run_world`` world raised; the message holds every failing rank's traceback."""
+
+
+def _worker(fn, rank, world_size, store_path, backend, timeout_s, results, args, kwargs):
+    os.environ["COMMLIB_TEST_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{store_path}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        out = fn(rank, world_size, *args, **kwargs)
+        results.put((rank, "ok", out))
+    except BaseException:  # report everything, SystemExit included
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_world(fn, world_size: int = 2, *, timeout: float = 120.0, backend: str = "gloo", args=(), kwargs=None):
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on a gloo world of forked processes.
+
+    Returns the per-rank return values (in rank order). A rank that raises makes this raise
+    ``WorkerError`` with all tracebacks; a world that does not finish within ``timeout`` seconds
+    is killed and ``TimeoutError`` names the ranks that never reported. The process group's own
+    timeout is ``timeout`` too, so a collective waiting on a dead peer errors rather than hangs.
+    """
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(
+                target=_worker,
+                args=(fn, rank, world_size, store, backend, timeout, results, args, kwargs or {}),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        import time
+
+        deadline = time.monotonic() + timeout
+        reports: dict[int, tuple[str, object]] = {}
+        try:
+            while len(reports) < world_size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = sorted(set(range(world_size)) - set(reports))
+                    raise TimeoutError(f"run_world: ranks {missing} did not finish within {timeout} s")
+                try:
+                    rank, status, payload = results.get(timeout=min(left, 1.0))
+                    reports[rank] = (status, payload)
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in reports]
+                    if dead:
+                        raise WorkerError(f"run_world: ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})")
+                if any(status == "error" for status, _ in reports.values()):
+                    break  # do not wait for peers that may now block forever
+        finally:
+            for p in procs:
+                p.join(timeout=5 if len(reports) == world_size else 0.1)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    errors = {r: payload for r, (status, payload) in reports.items() if status == "error"}
+    if errors:
+        raise WorkerError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
+    return [reports[r][1] for r in range(world_size)]
+
+
+@pytest.fixture
+def world():
+    return run_world
+
+
+def float_dtypes():
+    return [torch.float32, torch.bfloat16, torch.float16]
