@@ -60,7 +60,7 @@ def cache_dir() -> Path:
 
 def _build_name(kind: str, sources: list[str], root: Path) -> str:
     """A name that changes with the sources, the headers and the torch build, so caches never go stale."""
-    digest = hashlib.sha256(torch.__version__.encode())
+    digest = hashlib.sha256(torch.__version__.encode() + str(root).encode())
     for path in sorted(sources) + sorted(glob.glob(str(root / "**" / "*.h"), recursive=True)):
         digest.update(Path(path).read_bytes())
     return f"commlib_{kind}_{digest.hexdigest()[:12]}"

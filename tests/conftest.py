@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import io
+import multiprocessing
 import os
 import queue
 import tempfile
@@ -11,7 +13,6 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 
 class WorkerError(RuntimeError):
@@ -30,7 +31,9 @@ def _worker(fn, rank, world_size, store_path, backend, timeout_s, results, args,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         out = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, "ok", out))
+        buf = io.BytesIO()
+        torch.save(out, buf)  # tensors travel as bytes: no shared-memory handles outliving the worker
+        results.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report everything, SystemExit included
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -46,7 +49,7 @@ def run_world(fn, world_size: int = 2, *, timeout: float = 120.0, backend: str =
     is killed and ``TimeoutError`` names the ranks that never reported. The process group's own
     timeout is ``timeout`` too, so a collective waiting on a dead peer errors rather than hangs.
     """
-    ctx = mp.get_context("fork")
+    ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
@@ -88,7 +91,7 @@ def run_world(fn, world_size: int = 2, *, timeout: float = 120.0, backend: str =
     errors = {r: payload for r, (status, payload) in reports.items() if status == "error"}
     if errors:
         raise WorkerError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
-    return [reports[r][1] for r in range(world_size)]
+    return [torch.load(io.BytesIO(reports[r][1]), weights_only=False) for r in range(world_size)]
 
 
 @pytest.fixture

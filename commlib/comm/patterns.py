@@ -1,0 +1,115 @@
+"""Collective patterns used inside queue jobs: dense mean, payload all-gather, two-phase compressed allreduce."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from commlib.comm.queue import Comm
+from commlib.compress.base import Compressor, Payload, derive_seed
+
+
+def allreduce_mean_(comm: Comm, flat: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks, in place: scale by 1/n first (exactly as DDP does, so fp16 sums do not
+    overflow and the result equals DDP's bit for bit), then SUM."""
+    flat.mul_(1.0 / comm.world_size)
+    return comm.all_reduce(flat)
+
+
+def to_bytes(tensors) -> tuple[torch.Tensor, list[tuple[torch.dtype, torch.Size, int]]]:
+    """Concatenate tensors of any dtypes into one uint8 buffer; the layout rebuilds them."""
+    layout, parts = [], []
+    for t in tensors:
+        t = t.contiguous()
+        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
+        layout.append((t.dtype, t.shape, raw.numel()))
+        parts.append(raw)
+    flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    return flat, layout
+
+
+def from_bytes(flat: torch.Tensor, layout) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for dtype, shape, nbytes in layout:
+        raw = flat[offset : offset + nbytes]
+        if offset % torch.empty((), dtype=dtype).element_size():
+            raw = raw.clone()  # e.g. int32 indices after bf16 values: realign before viewing
+        out.append(raw.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype, device=flat.device))
+        offset += nbytes
+    return out
+
+
+def allgather_payloads(comm: Comm, payloads: list[Payload]) -> list[list[Payload]]:
+    """Every rank's payloads (same layout on all ranks), as ``[rank][i]``, with one all-gather."""
+    flat, layout = to_bytes([t for p in payloads for t in p.tensors])
+    gathered = comm.all_gather(flat)
+    result = []
+    for rank_flat in gathered:
+        tensors = from_bytes(rank_flat, layout)
+        rank_payloads, i = [], 0
+        for p in payloads:
+            n = len(p.tensors)
+            rank_payloads.append(Payload(tuple(tensors[i : i + n]), p.shape, p.dtype, p.context))
+            i += n
+        result.append(rank_payloads)
+    return result
+
+
+def two_phase_alignment(compressor: Compressor, world_size: int) -> int:
+    """Per-parameter padding unit so each rank's chunk is whole words / buckets of the compressor."""
+    unit = math.lcm(32, 8, getattr(compressor, "bucket_size", 8), getattr(compressor, "chunk_size", 0) or 32)
+    return unit * world_size
+
+
+def two_phase_allreduce(
+    comm: Comm,
+    values: list[torch.Tensor],
+    compressor: Compressor,
+    server_errors: list[torch.Tensor | None],
+    seeds: list[int],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Compressed allreduce in two phases (reduce-scatter, then all-gather), as 1-bit Adam's.
+
+    Each tensor in ``values`` (1-D, length a multiple of :func:`two_phase_alignment`) is split
+    into one chunk per rank. Phase 1 (one all-to-all for all tensors): every rank compresses every
+    chunk and sends chunk j to rank j, which averages the n decompressed copies (in rank order),
+    adds its server error, recompresses and keeps ``server_error = chunk - decompress(sent)``.
+    Phase 2 (one all-gather): the recompressed chunks are gathered and decompressed everywhere.
+    Bytes per rank stay ~2 C(N) (n-1)/n as the world grows. Chunking is per tensor, so the result
+    does not depend on how DDP groups tensors into buckets.
+
+    Returns per tensor: (mean estimate, this rank's own decompressed compression, new server error).
+    """
+    n = comm.world_size
+    chunks = [v.view(n, -1) for v in values]
+    local = [[compressor.compress(c[j], seed=derive_seed(seed, 1, j)) for j in range(n)]
+             for c, seed in zip(chunks, seeds)]
+    local_hat = [torch.cat([compressor.decompress(p).reshape(-1) for p in per_tensor]) for per_tensor in local]
+    # destination-major layout: rank j receives chunk j of every tensor, contiguously
+    flat, layout = to_bytes([t for j in range(n) for per_tensor in local for t in per_tensor[j].tensors])
+    received = comm.all_to_all(flat)
+    per_rank = flat.numel() // n
+    chunk_layout = layout[: len(layout) // n]
+    means = [torch.zeros(c.shape[1], dtype=torch.float32, device=c.device) for c in chunks]
+    for src in range(n):  # rank order: the same float sum wherever this chunk is reduced
+        tensors = from_bytes(received[src * per_rank : (src + 1) * per_rank], chunk_layout)
+        i = 0
+        for t, per_tensor in enumerate(local):
+            k = len(per_tensor[0].tensors)
+            payload = Payload(tuple(tensors[i : i + k]), (chunks[t].shape[1],), values[t].dtype)
+            compressor.decompress_add_(means[t], payload)
+            i += k
+    server_payloads, new_errors = [], []
+    for t, mean in enumerate(means):
+        mean.div_(n)
+        corrected = mean if server_errors[t] is None else mean + server_errors[t]
+        payload = compressor.compress(corrected.to(values[t].dtype), seed=derive_seed(seeds[t], 2, comm.rank))
+        server_payloads.append(payload)
+        new_errors.append(corrected - compressor.decompress(payload).float())
+    gathered = allgather_payloads(comm, server_payloads)
+    results = [
+        torch.cat([compressor.decompress(gathered[j][t]).reshape(-1) for j in range(n)]).to(values[t].dtype)
+        for t in range(len(values))
+    ]
+    return results, local_hat, new_errors

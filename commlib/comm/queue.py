@@ -1,0 +1,131 @@
+"""One ordered issue queue per hook state: every collective a hook issues goes through it.
+
+DDP calls a comm hook once per bucket, in bucket order, identically on every rank. A hook that
+needs several collectives per bucket (PowerSGD's P then Q, a two-phase compressed allreduce) must
+issue them in the same order on every rank whatever order earlier futures complete in; PyTorch's
+own PowerSGD hook chains them with ``Future.then`` and on gloo the second round of one bucket can
+cross the first round of the next ("Received data size doesn't match expected size").
+
+Here each bucket becomes a *job*: a function run on a single worker thread, which issues its
+collectives through :class:`Comm` and returns the bucket's result. Jobs run one at a time in
+submission order, so the sequence of collectives is the same on every rank by construction. The
+hook returns at once with a Future completed by the worker, so compression and communication
+still overlap with the rest of the backward pass. Collectives run on the state's own process
+group (a copy of the user's group made with ``dist.new_group``), so nothing DDP issues itself can
+interleave with them. A dead peer surfaces as the process group's timeout error, delivered
+through the Future to ``backward()``: never a silent hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import queue
+import threading
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+
+class Comm:
+    """Blocking collectives on one process group, for use inside a queue job."""
+
+    def __init__(self, group):
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.bytes_sent = 0  # bytes this rank put on the wire, by the algorithm's count
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place SUM allreduce; counts 2 (n-1)/n of the tensor (ring allreduce traffic)."""
+        if self.world_size > 1 and tensor.numel():
+            dist.all_reduce(tensor, group=self.group)
+        self.bytes_sent += _ring_bytes(tensor, self.world_size) * 2
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape everywhere), in rank order."""
+        tensor = tensor.contiguous()
+        if self.world_size == 1:
+            return [tensor]
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        if tensor.numel():
+            dist.all_gather(out, tensor, group=self.group)
+        else:
+            out = [tensor.clone() for _ in range(self.world_size)]
+        self.bytes_sent += tensor.numel() * tensor.element_size() * (self.world_size - 1)
+        return out
+
+    def all_to_all(self, flat: torch.Tensor) -> torch.Tensor:
+        """Equal chunks of ``flat``: chunk j goes to rank j; returns the received chunks, in rank order."""
+        flat = flat.contiguous()
+        if self.world_size == 1:
+            return flat
+        out = torch.empty_like(flat)
+        if flat.numel():
+            dist.all_to_all_single(out, flat, group=self.group)
+        self.bytes_sent += _ring_bytes(flat, self.world_size)
+        return out
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.broadcast(tensor, src=dist.get_global_rank(self.group, src), group=self.group)
+        if self.rank == src:
+            self.bytes_sent += tensor.numel() * tensor.element_size() * (self.world_size - 1)
+        return tensor
+
+
+def _ring_bytes(tensor: torch.Tensor, world_size: int) -> int:
+    return tensor.numel() * tensor.element_size() * (world_size - 1) // max(world_size, 1)
+
+
+class OrderedQueue:
+    """A worker thread that runs jobs ``fn(comm) -> result`` one at a time, in submission order."""
+
+    def __init__(self, process_group=None, timeout: datetime.timedelta | None = None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("commlib hooks need an initialized torch.distributed process group")
+        base = process_group if process_group is not None else dist.group.WORLD
+        ranks = dist.get_process_group_ranks(base)
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        # A private copy of the group: only this queue's thread issues collectives on it.
+        self.group = dist.new_group(ranks=ranks, backend=dist.get_backend(base), **kwargs)
+        self.comm = Comm(self.group)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    def submit(self, job: Callable[[Comm], object]) -> torch.futures.Future:
+        """Queue ``job``; the returned Future holds its result or its exception."""
+        fut: torch.futures.Future = torch.futures.Future()
+        self._ensure_thread()
+        self._jobs.put((job, fut))
+        return fut
+
+    def run_now(self, job: Callable[[Comm], object]):
+        """Submit and wait (for the few collectives outside DDP's backward, e.g. a retune)."""
+        return self.submit(job).wait()
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="commlib-ordered-queue", daemon=True)
+                self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job, fut = self._jobs.get()
+            try:
+                result = job(self.comm)
+            except BaseException as exc:  # delivered to the waiting backward()
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)

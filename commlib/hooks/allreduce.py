@@ -1,0 +1,62 @@
+"""Stateless hooks: dense mean (``allreduce``) and 16-bit casts (``fp16``, ``bf16``)."""
+
+from __future__ import annotations
+
+import torch
+
+from commlib.comm.patterns import allreduce_mean_
+from commlib.comm.queue import Comm
+from commlib.hooks.state import HookState
+
+
+class AllreduceState(HookState):
+    r"""Plain averaging of every bucket through commlib's ordered queue: DDP's own result, bit for bit.
+
+    Example::
+
+        >>> state, hook = commlib.hooks.make("allreduce")  # doctest: +SKIP
+        >>> ddp_model.register_comm_hook(state, hook)      # doctest: +SKIP
+    """
+
+    name = "allreduce"
+    stateful = False
+
+    def __init__(self, process_group=None, **kwargs):
+        kwargs.setdefault("start_iter", 0)
+        super().__init__(process_group, **kwargs)
+
+    def compressed_job(self, buffer, views, step, bucket_index):
+        return self._dense_job(buffer, views)
+
+
+class CastState(HookState):
+    r"""Averages in a 16-bit float on the wire: ``buffer.to(dtype) / world``, SUM, copy back.
+
+    fp16 overflows above 65504: the inf propagates, so ``GradScaler`` skips the step and lowers its
+    scale. bf16 keeps fp32's range (works on gloo and NCCL alike here, unlike PyTorch's bf16 hook
+    which needs NCCL >= 2.9.6).
+
+    Example::
+
+        >>> state, hook = commlib.hooks.make("bf16")       # doctest: +SKIP
+        >>> ddp_model.register_comm_hook(state, hook)      # doctest: +SKIP
+    """
+
+    stateful = False
+
+    def __init__(self, process_group=None, dtype: torch.dtype = torch.float16, **kwargs):
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")
+        self.dtype = dtype
+        self.name = "fp16" if dtype == torch.float16 else "bf16"
+        kwargs.setdefault("start_iter", 0)
+        super().__init__(process_group, **kwargs)
+
+    def compressed_job(self, buffer, views, step, bucket_index):
+        def job(comm: Comm):
+            wire = buffer.to(self.dtype)
+            self.count_bytes(wire.numel() * wire.element_size(), buffer.numel() * buffer.element_size())
+            allreduce_mean_(comm, wire)
+            return buffer.copy_(wire)
+
+        return job

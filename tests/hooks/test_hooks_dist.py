@@ -1,0 +1,243 @@
+"""Every hook on gloo worlds of 2 and 3: identical ranks, exact equivalences, resume, non-finite steps."""
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import run_world
+from torch import nn
+
+from commlib import compress, hooks
+
+from .ddp_harness import Net, batch, build, train
+
+SMALL_BUCKETS = {"bucket_cap_mb": 0.004}  # ~1000 floats: the test net spans several buckets
+
+HOOKS = [
+    ("allreduce", {}),
+    ("fp16", {}),
+    ("bf16", {}),
+    ("ef", {"compressor": ("TopK", {"density": 0.1})}),
+    ("ef", {"compressor": ("TopK", {"density": 0.1, "exact": False})}),
+    ("ef", {"compressor": ("RandomK", {"density": 0.2, "seed": 3})}),
+    ("ef", {"compressor": ("QSGD", {"bits": 4, "bucket_size": 64})}),
+    ("ef", {"compressor": ("Sign", {}), "collective": "two_phase"}),
+    ("ef", {"compressor": ("QSGD", {"bits": 2, "bucket_size": 64}), "collective": "two_phase"}),
+    ("ef", {"compressor": ("Cast", {"dtype": torch.bfloat16})}),
+    ("powersgd", {"rank": 2}),
+    ("powersgd", {"rank": 4, "batch_tensors_with_same_shape": True}),
+]
+HOOK_IDS = [f"{h}-{o.get('compressor', ('',))[0]}{o.get('collective', '')}{o.get('rank', '')}" for h, o in HOOKS]
+
+VARIANTS = {
+    "w2-view": (2, dict(SMALL_BUCKETS, gradient_as_bucket_view=True), torch.float32),
+    "w3-static": (3, dict(SMALL_BUCKETS, static_graph=True), torch.float32),
+    "w2-bf16": (2, dict(SMALL_BUCKETS), torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("hook,options", HOOKS, ids=HOOK_IDS)
+def test_fifty_steps_keep_ranks_bit_identical(hook, options, variant):
+    world, ddp_kwargs, dtype = VARIANTS[variant]
+    out = run_world(train, world, kwargs=dict(hook=hook, options=options, steps=50, ddp_kwargs=ddp_kwargs,
+                                              dtype=dtype))
+    for other in out[1:]:
+        assert torch.equal(out[0]["params"], other["params"])
+    assert torch.isfinite(out[0]["params"]).all()
+    stats = out[0]["stats"]
+    assert stats["step"] == 50 and stats["bytes_dense"] > 0
+    if hook != "allreduce" and dtype == torch.float32:
+        assert stats["compression_ratio"] > 1.0
+    assert stats["compression_ratio"] >= 1.0
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_allreduce_hook_equals_ddp_without_hook(world):
+    plain = run_world(train, world, kwargs=dict(steps=10, ddp_kwargs=SMALL_BUCKETS))
+    hooked = run_world(train, world, kwargs=dict(hook="allreduce", steps=10, ddp_kwargs=SMALL_BUCKETS))
+    assert torch.equal(plain[0]["params"], hooked[0]["params"])
+
+
+def test_ef_with_identity_equals_ddp_without_hook():
+    plain = run_world(train, 2, kwargs=dict(steps=10, ddp_kwargs=SMALL_BUCKETS))
+    hooked = run_world(train, 2, kwargs=dict(hook="ef", options={"compressor": ("Identity", {})}, steps=10,
+                                             ddp_kwargs=SMALL_BUCKETS))
+    assert torch.equal(plain[0]["params"], hooked[0]["params"])
+
+
+# ------------------------------------------------------------------------------------------------
+def _record_ef(rank, world_size, steps):
+    """Run the ef hook on TopK and record, per step, each parameter's local input and the output."""
+    model = Net()
+    state, _ = hooks.make("ef", compressor=compress.TopK(density=0.05), model=model)
+    records = []
+
+    def recording_hook(st, bucket):
+        views = st.param_views(bucket)
+        inputs = {v.key: v.grad.clone() for v in views}
+        step = st.step
+        fut = hooks.commlib_hook(st, bucket)
+
+        def after(f):
+            records.append((step, inputs, {v.key: v.grad.clone() for v in views}))
+            return f.value()
+
+        return fut.then(after)
+
+    ddp = torch.nn.parallel.DistributedDataParallel(model, **SMALL_BUCKETS)
+    ddp.register_comm_hook(state, recording_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(steps):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+    dist.barrier()
+    return {"records": records, "residuals": {k: v.clone() for k, v in state.residuals.items()},
+            "start_iter": state.start_iter}
+
+
+def test_ef_matches_single_process_reference_of_the_equations():
+    out = run_world(_record_ef, 2, kwargs=dict(steps=8))
+    compressor = compress.TopK(density=0.05)
+    residuals = [dict(), dict()]
+    start = out[0]["start_iter"]
+    n_checked = 0
+    for (step, in0, out0), (step1, in1, out1) in zip(out[0]["records"], out[1]["records"]):
+        assert step == step1
+        for key in in0:
+            if step < start or in0[key].dim() < 2 or not compressor.shrinks(in0[key].shape):
+                continue
+            payloads = []
+            for r, grad in enumerate((in0[key], in1[key])):
+                v = grad + residuals[r][key] if key in residuals[r] else grad.clone()
+                p = compressor.compress(v)
+                residuals[r][key] = v - compressor.decompress(p)
+                payloads.append(p)
+            mean = torch.zeros(grad.shape)
+            for p in payloads:
+                compressor.decompress_add_(mean, p)
+            mean /= 2
+            assert torch.equal(out0[key], mean) and torch.equal(out1[key], mean)
+            n_checked += 1
+    assert n_checked >= 4 * (8 - start)
+    for r in range(2):
+        assert residuals[r].keys() == out[r]["residuals"].keys()
+        for key, value in residuals[r].items():
+            assert torch.equal(out[r]["residuals"][key], value)
+
+
+# ------------------------------------------------------------------------------------------------
+def _torch_vs_commlib_powersgd(rank, world_size, steps, rank_r):
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
+
+    one_bucket = {"bucket_cap_mb": 25}
+    results = {}
+    for impl in ("torch", "commlib"):
+        model = Net()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, **one_bucket)
+        if impl == "torch":
+            state = ps.PowerSGDState(process_group=None, matrix_approximation_rank=rank_r, start_powerSGD_iter=2,
+                                     random_seed=0)
+            ddp.register_comm_hook(state, ps.powerSGD_hook)
+        else:
+            state, hook = hooks.make("powersgd", rank=rank_r, start_iter=2, model=model)
+            torch_seed = np.random.RandomState(0).randint(1_000_000_000)
+
+            def aligned_hook(st, bucket):
+                # give commlib the same initial Q as PyTorch's hook draws (its RNG, its order)
+                if st.step == st.start_iter and not st.q_memory:
+                    views = [v for v in st.param_views(bucket) if st.compressible(v)]
+                    order = {}
+                    for v in views:
+                        order.setdefault(v.grad.view(v.grad.shape[0], -1).shape, []).append(v)
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(torch_seed)
+                        for group in order.values():
+                            for v in group:
+                                cols = v.grad.view(v.grad.shape[0], -1).shape[1]
+                                st.q_memory[v.key] = torch.randn(1, cols, st.layer_rank(v))[0]
+                return hooks.commlib_hook(st, bucket)
+
+            ddp.register_comm_hook(state, aligned_hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(steps):
+            x, y = batch(rank, step)
+            opt.zero_grad()
+            nn.functional.mse_loss(ddp(x), y).backward()
+            opt.step()
+        results[impl] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return results
+
+
+@pytest.mark.parametrize("rank_r", [1, 4])
+def test_powersgd_matches_pytorch_hook_on_one_bucket(rank_r):
+    out = run_world(_torch_vs_commlib_powersgd, 2, kwargs=dict(steps=12, rank_r=rank_r))
+    for r in out:
+        torch.testing.assert_close(r["commlib"], r["torch"], rtol=1e-5, atol=1e-6)
+    # and the compressed steps really differ from plain averaging
+    plain = run_world(train, 2, kwargs=dict(steps=12, ddp_kwargs={"bucket_cap_mb": 25}))
+    assert not torch.allclose(plain[0]["params"], out[0]["commlib"], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+RESUMABLE = HOOKS[:1] + HOOKS[3:4] + HOOKS[5:8] + HOOKS[10:]
+
+
+@pytest.mark.parametrize("hook,options", RESUMABLE, ids=[HOOK_IDS[HOOKS.index(h)] for h in RESUMABLE])
+def test_checkpoint_resume_is_bit_identical(hook, options):
+    k = 6
+    full = run_world(train, 2, kwargs=dict(hook=hook, options=options, steps=2 * k, ddp_kwargs=SMALL_BUCKETS,
+                                           save_at=k))
+    checkpoints = [full[0]["checkpoint"], full[1]["checkpoint"]]
+    resumed = run_world(_resume_rank, 2, kwargs=dict(hook=hook, options=options, k=k, checkpoints=checkpoints))
+    for r in range(2):
+        assert torch.equal(resumed[r]["params"], full[r]["params"])
+
+
+def _resume_rank(rank, world_size, hook, options, k, checkpoints):
+    return train(rank, world_size, hook=hook, options=options, steps=k, ddp_kwargs=SMALL_BUCKETS, start_step=k,
+                 checkpoint=checkpoints[rank])
+
+
+# ------------------------------------------------------------------------------------------------
+NONFINITE = [HOOKS[0], HOOKS[1], HOOKS[3], HOOKS[5], HOOKS[6], HOOKS[7], HOOKS[10]]
+
+
+@pytest.mark.parametrize("hook,options", NONFINITE, ids=[HOOK_IDS[HOOKS.index(h)] for h in NONFINITE])
+def test_inf_on_one_rank_reaches_every_rank_and_spares_the_buffers(hook, options):
+    inf_at = 5
+    out = run_world(train, 3, kwargs=dict(hook=hook, options=options, steps=9, ddp_kwargs=SMALL_BUCKETS,
+                                          inf_at=inf_at, snapshots=(inf_at - 1, inf_at)))
+    for r in out:
+        assert r["finite"] == [s != inf_at for s in range(9)]  # every rank saw the overflow, only then
+        assert torch.isfinite(r["params"]).all()
+        before, after = r["buffers"].get(inf_at - 1, {}), r["buffers"].get(inf_at, {})
+        assert before.keys() == after.keys()
+        for kind in before:
+            assert before[kind].keys() == after[kind].keys()
+            for key in before[kind]:
+                assert torch.equal(before[kind][key], after[kind][key]), (kind, key)
+    assert torch.equal(out[0]["params"], out[1]["params"]) and torch.equal(out[0]["params"], out[2]["params"])
+    if hook != "allreduce" and hook != "fp16":
+        assert out[0]["stats"]["skipped_steps"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+def _uneven(rank, world_size, hook, options):
+    model, ddp, state = build(hook, options, SMALL_BUCKETS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with ddp.join():
+        for step in range(8 + 3 * rank):  # rank r runs 3 r more batches
+            x, y = batch(rank, step)
+            opt.zero_grad()
+            nn.functional.mse_loss(ddp(x), y).backward()
+            opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("hook,options", [HOOKS[3], HOOKS[7], HOOKS[10]], ids=["ef-topk", "ef-two-phase", "psgd"])
+def test_join_with_uneven_inputs(hook, options):
+    out = run_world(_uneven, 3, kwargs=dict(hook=hook, options=options))
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
