@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from commlib.hooks.allreduce import AllreduceState, CastState
 from commlib.hooks.ef import ErrorFeedbackState
+from commlib.hooks.lgreco import LGreCoEFState, LGreCoPowerSGDState, make_lgreco
 from commlib.hooks.powersgd import PowerSGDState
 from commlib.hooks.state import HookState
 
@@ -32,6 +33,7 @@ _REGISTRY = {
     "bf16": _bf16,
     "ef": ErrorFeedbackState,
     "powersgd": PowerSGDState,
+    "lgreco": make_lgreco,
 }
 
 
@@ -59,5 +61,6 @@ def make(name: str, process_group=None, **options):
     return _REGISTRY[name](process_group, **options), commlib_hook
 
 
-__all__ = ["AllreduceState", "CastState", "ErrorFeedbackState", "HookState", "PowerSGDState", "commlib_hook",
+__all__ = ["AllreduceState", "CastState", "ErrorFeedbackState", "HookState", "LGreCoEFState", "LGreCoPowerSGDState",
+           "PowerSGDState", "commlib_hook",
            "make", "names", "register"]

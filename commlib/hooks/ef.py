@@ -76,14 +76,17 @@ class ErrorFeedbackState(HookState):
         self.server_errors: dict[str, torch.Tensor] = {}
         super().__init__(process_group, **kwargs)
 
+    def compressor_for(self, key: str) -> Compressor:
+        """The compressor of one parameter (L-GreCo assigns one per layer)."""
+        return self.compressor
+
     def compressible(self, view: ParamView) -> bool:
-        return view.grad.dim() > 1 and self.compressor.shrinks(view.grad.shape, view.grad.dtype)
+        return view.grad.dim() > 1 and self.compressor_for(view.key).shrinks(view.grad.shape, view.grad.dtype)
 
     def compressed_job(self, buffer, views, step, bucket_index):
-        chosen = [v for v in views if self.compressible(v)]
-        dense = [v for v in views if not self.compressible(v)]
-
         def job(comm: Comm):
+            chosen = [v for v in views if self.compressible(v)]  # decided here: a retune may precede
+            dense = [v for v in views if not self.compressible(v)]
             average_dense(self, comm, dense)
             if chosen:
                 self.reduce_compressed(comm, chosen, step)
@@ -93,7 +96,7 @@ class ErrorFeedbackState(HookState):
 
     def reduce_compressed(self, comm: Comm, chosen: list[ParamView], step: int) -> None:
         for v in chosen:
-            size = self.compressor.nbytes(v.grad.shape, v.grad.dtype)
+            size = self.compressor_for(v.key).nbytes(v.grad.shape, v.grad.dtype)
             self.count_bytes(size, numel_bytes(v.grad))
             self.per_layer[v.key] = {"numel": v.grad.numel(), "compressed": True, "payload_bytes": size,
                                      "dense_bytes": numel_bytes(v.grad)}
@@ -104,19 +107,19 @@ class ErrorFeedbackState(HookState):
             payloads, residuals = [], []
             for v in chosen:
                 payload, residual = ef_step(
-                    v.grad, self.residuals.get(v.key), self.compressor, self.layer_seed(step, v.key)
+                    v.grad, self.residuals.get(v.key), self.compressor_for(v.key), self.layer_seed(step, v.key)
                 )
                 payloads.append(payload)
                 residuals.append(residual)
             if self.collective == "allreduce":
                 for v, p in zip(chosen, sum_summable_payloads(comm, payloads)):
-                    v.grad.copy_(self.compressor.decompress(p))
+                    v.grad.copy_(self.compressor_for(v.key).decompress(p))
             else:
                 gathered = allgather_payloads(comm, payloads)
                 for i, v in enumerate(chosen):
                     out = torch.zeros(v.grad.shape, dtype=torch.float32, device=v.grad.device)
                     for rank_payloads in gathered:  # rank order: the same float sum on every rank
-                        self.compressor.decompress_add_(out, rank_payloads[i])
+                        self.compressor_for(v.key).decompress_add_(out, rank_payloads[i])
                     v.grad.copy_(out.div_(comm.world_size))
         # Rule 5: a non-finite aggregate (any rank overflowed) leaves the residuals as they were.
         if all(self.all_finite(v.grad) for v in chosen):

@@ -110,10 +110,9 @@ class PowerSGDState(HookState):
 
     # ------------------------------------------------------------------ the bucket job
     def compressed_job(self, buffer, views, step, bucket_index):
-        chosen = [v for v in views if self.compressible(v)]
-        dense = [v for v in views if not self.compressible(v)]
-
         def job(comm: Comm):
+            chosen = [v for v in views if self.compressible(v)]  # decided here: a retune may precede
+            dense = [v for v in views if not self.compressible(v)]
             self.reduce(comm, views, chosen, dense, step)
             return buffer
 

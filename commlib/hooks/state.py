@@ -94,10 +94,12 @@ class HookState:
             job = self._dense_job(buffer, views)
         else:
             job = self.compressed_job(buffer, views, step, bucket.index())
-        return self.queue.submit(self._with_books(job, is_last))
+        return self.queue.submit(self._with_books(job, views, step, is_last))
 
-    def _with_books(self, job, is_last: bool):
+    def _with_books(self, job, views: list[ParamView], step: int, is_last: bool):
         def run(comm: Comm):
+            self.prepare(comm, step)
+            self.observe(views, step)
             result = job(comm)
             if is_last:
                 self.last_step_payload_bytes, self.last_step_dense_bytes = self._step_payload, self._step_dense
@@ -116,7 +118,15 @@ class HookState:
         return job
 
     def compressed_job(self, buffer: torch.Tensor, views: list[ParamView], step: int, bucket_index: int):
+        """A function ``job(comm) -> buffer`` that reduces the bucket (runs on the queue's thread)."""
         raise NotImplementedError
+
+    def prepare(self, comm: Comm, step: int) -> None:
+        """Runs on the queue's thread before each bucket's job: the place for collectives that are
+        not per bucket (L-GreCo's retune), at the same point of the sequence on every rank."""
+
+    def observe(self, views: list[ParamView], step: int) -> None:
+        """Sees each bucket's local gradients (before reduction), warm-up steps included."""
 
     # ------------------------------------------------------------------ helpers for subclasses
     def param_views(self, bucket: dist.GradBucket) -> list[ParamView]:

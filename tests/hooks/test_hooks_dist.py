@@ -26,8 +26,12 @@ HOOKS = [
     ("ef", {"compressor": ("Cast", {"dtype": torch.bfloat16})}),
     ("powersgd", {"rank": 2}),
     ("powersgd", {"rank": 4, "batch_tensors_with_same_shape": True}),
+    ("lgreco", {"family": "powersgd", "rank": 2, "retune_every": 4, "accumulate_steps": 2}),
+    ("lgreco", {"family": "topk", "density": 0.05, "retune_every": 4, "accumulate_steps": 2}),
+    ("lgreco", {"family": "qsgd", "bits": 4, "bucket_size": 64, "retune_every": 4, "accumulate_steps": 2}),
 ]
-HOOK_IDS = [f"{h}-{o.get('compressor', ('',))[0]}{o.get('collective', '')}{o.get('rank', '')}" for h, o in HOOKS]
+HOOK_IDS = [f"{h}-{o.get('compressor', ('',))[0]}{o.get('collective', '')}{o.get('family', '')}{o.get('rank', '')}"
+            for h, o in HOOKS]
 
 VARIANTS = {
     "w2-view": (2, dict(SMALL_BUCKETS, gradient_as_bucket_view=True), torch.float32),
@@ -202,7 +206,7 @@ def _resume_rank(rank, world_size, hook, options, k, checkpoints):
 
 
 # ------------------------------------------------------------------------------------------------
-NONFINITE = [HOOKS[0], HOOKS[1], HOOKS[3], HOOKS[5], HOOKS[6], HOOKS[7], HOOKS[10]]
+NONFINITE = [HOOKS[0], HOOKS[1], HOOKS[3], HOOKS[5], HOOKS[6], HOOKS[7], HOOKS[10], HOOKS[12]]
 
 
 @pytest.mark.parametrize("hook,options", NONFINITE, ids=[HOOK_IDS[HOOKS.index(h)] for h in NONFINITE])
@@ -237,7 +241,50 @@ def _uneven(rank, world_size, hook, options):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-@pytest.mark.parametrize("hook,options", [HOOKS[3], HOOKS[7], HOOKS[10]], ids=["ef-topk", "ef-two-phase", "psgd"])
+@pytest.mark.parametrize("hook,options", [HOOKS[3], HOOKS[7], HOOKS[10], HOOKS[13]],
+                         ids=["ef-topk", "ef-two-phase", "psgd", "lgreco-topk"])
 def test_join_with_uneven_inputs(hook, options):
     out = run_world(_uneven, 3, kwargs=dict(hook=hook, options=options))
     assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+
+
+# ------------------------------------------------------------------------------------------------
+def _lgreco_plans(rank, world_size, family):
+    opts = {"powersgd": {"rank": 2}, "topk": {"density": 0.05}, "qsgd": {"bits": 4, "bucket_size": 64}}[family]
+    model, ddp, state = build("lgreco", dict(opts, family=family, retune_every=5, accumulate_steps=3), SMALL_BUCKETS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ranks_seen = []
+    for step in range(17):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+        if family == "powersgd":
+            ranks_seen.append({k: q.shape[1] for k, q in state.q_memory.items()})
+    return {"stats": state.stats(), "history": state.history, "ranks_seen": ranks_seen,
+            "residual_keys": sorted(state.residuals)}
+
+
+@pytest.mark.parametrize("family", ["powersgd", "topk", "qsgd"])
+def test_lgreco_same_plan_on_every_rank_and_within_budget(family):
+    out = run_world(_lgreco_plans, 3, kwargs=dict(family=family))
+    history = out[0]["history"]
+    assert [h["step"] for h in history] == [2, 7, 12, 17][: len(history)] and len(history) >= 3
+    def without_timing(hist):
+        return [{k: v for k, v in h.items() if k != "solve_seconds"} for h in hist]
+
+    for other in out[1:]:  # identical plans, budgets and errors everywhere
+        assert without_timing(other["history"]) == without_timing(history)
+    for h in history:
+        assert h["error_planned"] <= h["error_budget"] * (1 + 1e-9)
+        assert h["bytes_planned"] <= h["bytes_uniform"]
+        assert h["solve_seconds"] >= 0
+    plan = out[0]["stats"]["lgreco"]["plan"]
+    assert set(plan) == {"inp.weight", "mid1.weight", "mid2.weight", "out.weight"}
+    if family == "powersgd":
+        # the warm-start Q follows the plan's ranks after each retune, and stays allocated
+        last = out[0]["ranks_seen"][-1]
+        for key, r in plan.items():
+            if key in last:
+                assert last[key] == min(r, 6)
+    assert out[0]["residual_keys"]  # error feedback survived the retunes
