@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,9 @@ class HookState:
         self.last_step_dense_bytes = 0
         self._step_payload = 0
         self._step_dense = 0
+        self._step_seconds = 0.0
+        self.last_step_hook_seconds = 0.0  # time the queue thread spent on the last step's buckets
+        self.total_hook_seconds = 0.0
         self.skipped_steps = 0  # steps whose aggregated gradient was non-finite
         self._last_skipped_step = -1
         self.per_layer: dict[str, dict] = {}
@@ -98,14 +102,18 @@ class HookState:
 
     def _with_books(self, job, views: list[ParamView], step: int, is_last: bool):
         def run(comm: Comm):
+            start = time.perf_counter()
             self.prepare(comm, step)
             self.observe(views, step)
             result = job(comm)
+            self._step_seconds += time.perf_counter() - start
             if is_last:
                 self.last_step_payload_bytes, self.last_step_dense_bytes = self._step_payload, self._step_dense
                 self.total_payload_bytes += self._step_payload
                 self.total_dense_bytes += self._step_dense
                 self._step_payload = self._step_dense = 0
+                self.last_step_hook_seconds, self._step_seconds = self._step_seconds, 0.0
+                self.total_hook_seconds += self.last_step_hook_seconds
             return result
 
         return run
@@ -173,6 +181,8 @@ class HookState:
             "total_bytes_dense": self.total_dense_bytes,
             "wire_bytes_total": self.queue.comm.bytes_sent,
             "skipped_steps": self.skipped_steps,
+            "hook_seconds": self.last_step_hook_seconds,
+            "hook_seconds_total": self.total_hook_seconds,
             "per_layer": {k: dict(v) for k, v in self.per_layer.items()},
         }
 
