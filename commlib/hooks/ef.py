@@ -87,7 +87,7 @@ class ErrorFeedbackState(HookState):
         def job(comm: Comm):
             chosen = [v for v in views if self.compressible(v)]  # decided here: a retune may precede
             dense = [v for v in views if not self.compressible(v)]
-            average_dense(self, comm, dense)
+            self.average_dense(comm, dense)
             if chosen:
                 self.reduce_compressed(comm, chosen, step)
             return buffer
@@ -155,22 +155,6 @@ class ErrorFeedbackState(HookState):
     def load_buffers_state(self, buffers: dict) -> None:
         self.residuals = dict(buffers["residuals"])
         self.server_errors = dict(buffers["server_errors"])
-
-
-def average_dense(state: HookState, comm: Comm, dense: list[ParamView]) -> None:
-    """Mean of the parameters that go uncompressed, in one allreduce."""
-    if not dense:
-        return
-    flat = torch.cat([v.grad.reshape(-1) for v in dense])
-    allreduce_mean_(comm, flat)
-    offset = 0
-    for v in dense:
-        n = v.grad.numel()
-        v.grad.copy_(flat[offset : offset + n].view(v.grad.shape))
-        offset += n
-        state.count_bytes(numel_bytes(v.grad), numel_bytes(v.grad))
-        state.per_layer[v.key] = {"numel": n, "compressed": False, "payload_bytes": numel_bytes(v.grad),
-                                  "dense_bytes": numel_bytes(v.grad)}
 
 
 def sum_summable_payloads(comm: Comm, payloads: list[Payload]) -> list[Payload]:

@@ -6,7 +6,6 @@ from collections import defaultdict
 
 import torch
 
-from commlib.comm.patterns import allreduce_mean_
 from commlib.comm.queue import Comm
 from commlib.compress.base import require_int
 from commlib.compress.powersgd import orthogonalize_, shared_gaussian
@@ -140,17 +139,7 @@ class PowerSGDState(HookState):
             else:
                 work[v.key] = v.grad
         # 1) dense part
-        if dense:
-            flat = torch.cat([work[v.key].reshape(-1) for v in dense])
-            allreduce_mean_(comm, flat)
-            offset = 0
-            for v in dense:
-                n = v.grad.numel()
-                v.grad.copy_(flat[offset : offset + n].view(v.grad.shape))
-                offset += n
-                self.count_bytes(numel_bytes(v.grad), numel_bytes(v.grad))
-                self.per_layer[v.key] = {"numel": n, "compressed": False, "rank": 0,
-                                         "payload_bytes": numel_bytes(v.grad), "dense_bytes": numel_bytes(v.grad)}
+        self.average_dense(comm, dense, work)
         # 2) groups of matrices: one per tensor, or one per shape when batching
         groups = self._groups(chosen)
         ms, qs = [], []

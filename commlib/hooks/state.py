@@ -148,6 +148,21 @@ class HookState:
             offset += numel
         return views
 
+    def average_dense(self, comm: Comm, dense: list[ParamView], source: dict | None = None) -> None:
+        """Mean over ranks of the parameters that go uncompressed, in one allreduce, written into
+        their gradients; ``source`` maps key -> tensor to average instead of the gradient."""
+        if not dense:
+            return
+        flat = torch.cat([(source[v.key] if source else v.grad).reshape(-1) for v in dense])
+        allreduce_mean_(comm, flat)
+        offset = 0
+        for v in dense:
+            n, size = v.grad.numel(), v.grad.numel() * v.grad.element_size()
+            v.grad.copy_(flat[offset : offset + n].view(v.grad.shape))
+            offset += n
+            self.count_bytes(size, size)
+            self.per_layer[v.key] = {"numel": n, "compressed": False, "payload_bytes": size, "dense_bytes": size}
+
     def count_bytes(self, payload: int, dense: int) -> None:
         self._step_payload += payload
         self._step_dense += dense

@@ -87,17 +87,20 @@ COMMLIB_HD float nan_max(float m, float a) {
 // lands next to the grid's middle and dequantizes to scale * (...) = 0 exactly.
 COMMLIB_HD float safe_inverse(float scale) { return scale > 0.0f ? 1.0f / scale : 0.0f; }
 
+// The IEEE-754 bit pattern of a float32.
+COMMLIB_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  return b;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sign packing: bit j of word w is the sign bit of element 32*w + j (1 = negative, -0.0 included).
-COMMLIB_HD uint32_t sign_bit(float x) {
-  uint32_t b;
-#if defined(__CUDA_ARCH__)
-  b = __float_as_uint(x);
-#else
-  std::memcpy(&b, &x, sizeof(b));
-#endif
-  return b >> 31;
-}
+COMMLIB_HD uint32_t sign_bit(float x) { return float_bits(x) >> 31; }
 
 COMMLIB_HD float signed_scale(uint32_t word, int bit, float scale) {
   return ((word >> bit) & 1u) ? -scale : scale;
@@ -107,15 +110,7 @@ COMMLIB_HD float signed_scale(uint32_t word, int bit, float scale) {
 // Top-k ordering key: the bit pattern of |x| as float32. For non-negative floats the integer
 // order equals the magnitude order, +inf ranks above every finite value and NaN above +inf, so
 // non-finite values are always selected and propagate.
-COMMLIB_HD uint32_t magnitude_key(float x) {
-  uint32_t b;
-#if defined(__CUDA_ARCH__)
-  b = __float_as_uint(x);
-#else
-  std::memcpy(&b, &x, sizeof(b));
-#endif
-  return b & 0x7fffffffU;
-}
+COMMLIB_HD uint32_t magnitude_key(float x) { return float_bits(x) & 0x7fffffffU; }
 
 // Sample position j (of m) for the threshold estimate of top-k: hashed, so structured gradients
 // (rows of a weight matrix) are not sampled in lockstep.
