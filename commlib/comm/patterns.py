@@ -17,6 +17,12 @@ def allreduce_mean_(comm: Comm, flat: torch.Tensor) -> torch.Tensor:
     return comm.all_reduce(flat)
 
 
+def split_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of consecutive pieces of ``flat`` shaped like ``like`` (the inverse of a flat ``cat``)."""
+    pieces = flat.split([t.numel() for t in like])
+    return [piece.view(t.shape) for piece, t in zip(pieces, like)]
+
+
 def to_bytes(tensors) -> tuple[torch.Tensor, list[tuple[torch.dtype, torch.Size, int]]]:
     """Concatenate tensors of any dtypes into one uint8 buffer; the layout rebuilds them."""
     layout, parts = [], []

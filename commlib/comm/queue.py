@@ -110,10 +110,6 @@ class OrderedQueue:
         self._jobs.put((job, fut))
         return fut
 
-    def run_now(self, job: Callable[[Comm], object]):
-        """Submit and wait (for the few collectives outside DDP's backward, e.g. a retune)."""
-        return self.submit(job).wait()
-
     def _ensure_thread(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from commlib import compress
-from commlib.comm.patterns import allgather_payloads, allreduce_mean_, two_phase_alignment, two_phase_allreduce
+from commlib.comm.patterns import (
+    allgather_payloads,
+    allreduce_mean_,
+    split_like,
+    two_phase_alignment,
+    two_phase_allreduce,
+)
 from commlib.comm.queue import Comm
 from commlib.compress.base import Compressor, Payload
 from commlib.hooks.state import HookState, ParamView, numel_bytes
@@ -165,11 +171,9 @@ def sum_summable_payloads(comm: Comm, payloads: list[Payload]) -> list[Payload]:
             by_dtype.setdefault(t.dtype, []).append((i, j))
     out = [list(p.tensors) for p in payloads]
     for dtype, where in by_dtype.items():
-        flat = torch.cat([payloads[i].tensors[j].reshape(-1) for i, j in where])
+        tensors = [payloads[i].tensors[j] for i, j in where]
+        flat = torch.cat([t.reshape(-1) for t in tensors])
         allreduce_mean_(comm, flat)
-        offset = 0
-        for i, j in where:
-            t = payloads[i].tensors[j]
-            out[i][j] = flat[offset : offset + t.numel()].view(t.shape)
-            offset += t.numel()
+        for (i, j), mean in zip(where, split_like(flat, tensors)):
+            out[i][j] = mean
     return [Payload(tuple(ts), p.shape, p.dtype, p.context) for ts, p in zip(out, payloads)]

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from commlib import compress
+from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm
 from commlib.compress.topk import topk_count
 from commlib.hooks.ef import ErrorFeedbackState
@@ -95,11 +96,8 @@ class LGreCoMixin:
         if flat is not None:
             comm.all_reduce(flat)
         if flat is not None and bool(torch.isfinite(flat).all()):  # same verdict on every rank
-            offset = 0
-            for k in keys:
-                n = self.accumulated[k].numel()
-                self.accumulated[k] = flat[offset : offset + n].view(self.accumulated[k].shape)
-                offset += n
+            summed = split_like(flat, [self.accumulated[k] for k in keys])
+            self.accumulated = dict(zip(keys, summed))
             errors = np.zeros((len(keys), len(self.candidates)))
             sizes = np.zeros((len(keys), len(self.candidates)))
             for i, k in enumerate(keys):

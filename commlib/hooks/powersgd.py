@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import torch
 
+from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm
 from commlib.compress.base import require_int
 from commlib.compress.powersgd import orthogonalize_, shared_gaussian
@@ -163,7 +164,7 @@ class PowerSGDState(HookState):
         ps = [torch.bmm(m, q) for m, q in zip(ms, qs)]
         p_flat = torch.cat([p.reshape(-1) for p in ps])
         comm.all_reduce(p_flat)  # sum: orthogonalization removes the scale
-        ps = _split_like(p_flat, ps)
+        ps = split_like(p_flat, ps)
         for p in ps:
             orthogonalize_(p, self.orthogonalization_epsilon)
         # Q = M^T P, computed as (P^T M)^T: BLAS reads M row by row (4 MB: 0.3 ms instead of
@@ -172,7 +173,7 @@ class PowerSGDState(HookState):
         q_flat = torch.cat([q.reshape(-1) for q in qs])
         comm.all_reduce(q_flat)
         q_flat.div_(comm.world_size)
-        qs = _split_like(q_flat, qs)
+        qs = split_like(q_flat, qs)
         finite = self.all_finite(q_flat) and self.all_finite(p_flat)
         for group, p, q in zip(groups, ps, qs):
             if len(group) == 1:  # write P Q^T straight into the bucket
@@ -202,15 +203,14 @@ class PowerSGDState(HookState):
                     self._scratch[v.key] = old
 
     def _groups(self, chosen: list[ParamView]) -> list[list[ParamView]]:
-        if not self.batch_tensors_with_same_shape:
-            by_shape = defaultdict(list)
-            for v in chosen:  # PyTorch's order: grouped by shape, then one matrix at a time
-                by_shape[(matrix_of(v).shape, self.layer_rank(v))].append(v)
-            return [[v] for group in by_shape.values() for v in group]
+        """Matrices grouped by (shape, rank) in first-seen order (PyTorch's order); without
+        batching, one matrix per group in that order."""
         by_shape = defaultdict(list)
         for v in chosen:
             by_shape[(matrix_of(v).shape, self.layer_rank(v))].append(v)
-        return list(by_shape.values())
+        if self.batch_tensors_with_same_shape:
+            return list(by_shape.values())
+        return [[v] for group in by_shape.values() for v in group]
 
     # ------------------------------------------------------------------ checkpoints
     def buffers_state(self) -> dict:
@@ -221,10 +221,3 @@ class PowerSGDState(HookState):
         self.q_memory = dict(buffers["q_memory"])
         self.rank_of = {k: int(v) for k, v in buffers["rank_of"].items()}
 
-
-def _split_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for t in like:
-        out.append(flat[offset : offset + t.numel()].view(t.shape))
-        offset += t.numel()
-    return out

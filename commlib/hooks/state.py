@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import datetime
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from commlib.comm.patterns import allreduce_mean_
+from commlib.comm.patterns import allreduce_mean_, split_like
 from commlib.comm.queue import Comm, OrderedQueue
+from commlib.compress.base import derive_seed
 
 
 @dataclass
@@ -153,15 +153,15 @@ class HookState:
         their gradients; ``source`` maps key -> tensor to average instead of the gradient."""
         if not dense:
             return
+        grads = [v.grad for v in dense]
         flat = torch.cat([(source[v.key] if source else v.grad).reshape(-1) for v in dense])
         allreduce_mean_(comm, flat)
-        offset = 0
-        for v in dense:
-            n, size = v.grad.numel(), v.grad.numel() * v.grad.element_size()
-            v.grad.copy_(flat[offset : offset + n].view(v.grad.shape))
-            offset += n
+        for v, mean in zip(dense, split_like(flat, grads)):
+            v.grad.copy_(mean)
+            size = numel_bytes(v.grad)
             self.count_bytes(size, size)
-            self.per_layer[v.key] = {"numel": n, "compressed": False, "payload_bytes": size, "dense_bytes": size}
+            self.per_layer[v.key] = {"numel": v.grad.numel(), "compressed": False, "payload_bytes": size,
+                                     "dense_bytes": size}
 
     def count_bytes(self, payload: int, dense: int) -> None:
         self._step_payload += payload
@@ -169,8 +169,6 @@ class HookState:
 
     def layer_seed(self, step: int, key: str) -> int:
         """Seed for (step, parameter): equal on every rank, independent of the global RNG."""
-        from commlib.compress.base import derive_seed
-
         return derive_seed(self.seed, step, _stable_hash(key))
 
     def mark_skipped(self, step: int) -> None:
@@ -245,6 +243,3 @@ def _stable_hash(key: str) -> int:
 def numel_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
-
-def prod(shape) -> int:
-    return math.prod(shape)

@@ -42,6 +42,22 @@ def batch(rank: int, step: int, dtype=torch.float32, size: int = 16):
     return x.to(dtype), y.to(dtype)
 
 
+def sgd_steps(ddp, model, rank: int, steps: int, lr: float = 0.05, after_step=None):
+    """Plain SGD on this rank's batches; ``after_step(step)`` runs after each update."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for step in range(steps):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+        if after_step is not None:
+            after_step(step)
+
+
+def flat_params(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
 def compressor_from(spec):
     """Test specs are picklable tuples: ('TopK', {...}) -> compress.TopK(...)."""
     if spec is None or isinstance(spec, compress.Compressor):

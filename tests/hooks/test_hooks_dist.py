@@ -5,11 +5,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import run_world
-from torch import nn
 
 from commlib import compress, hooks
 
-from .ddp_harness import Net, batch, build, train
+from .ddp_harness import Net, build, flat_params, sgd_steps, train
 
 SMALL_BUCKETS = {"bucket_cap_mb": 0.004}  # ~1000 floats: the test net spans several buckets
 
@@ -91,12 +90,7 @@ def _record_ef(rank, world_size, steps):
 
     ddp = torch.nn.parallel.DistributedDataParallel(model, **SMALL_BUCKETS)
     ddp.register_comm_hook(state, recording_hook)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for step in range(steps):
-        x, y = batch(rank, step)
-        opt.zero_grad()
-        nn.functional.mse_loss(ddp(x), y).backward()
-        opt.step()
+    sgd_steps(ddp, model, rank, steps)
     dist.barrier()
     return {"records": records, "residuals": {k: v.clone() for k, v in state.residuals.items()},
             "start_iter": state.start_iter}
@@ -165,13 +159,8 @@ def _torch_vs_commlib_powersgd(rank, world_size, steps, rank_r):
                 return hooks.commlib_hook(st, bucket)
 
             ddp.register_comm_hook(state, aligned_hook)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        for step in range(steps):
-            x, y = batch(rank, step)
-            opt.zero_grad()
-            nn.functional.mse_loss(ddp(x), y).backward()
-            opt.step()
-        results[impl] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        sgd_steps(ddp, model, rank, steps)
+        results[impl] = flat_params(model)
     return results
 
 
@@ -231,14 +220,9 @@ def test_inf_on_one_rank_reaches_every_rank_and_spares_the_buffers(hook, options
 # ------------------------------------------------------------------------------------------------
 def _uneven(rank, world_size, hook, options):
     model, ddp, state = build(hook, options, SMALL_BUCKETS)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with ddp.join():
-        for step in range(8 + 3 * rank):  # rank r runs 3 r more batches
-            x, y = batch(rank, step)
-            opt.zero_grad()
-            nn.functional.mse_loss(ddp(x), y).backward()
-            opt.step()
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        sgd_steps(ddp, model, rank, 8 + 3 * rank)  # rank r runs 3 r more batches
+    return flat_params(model)
 
 
 @pytest.mark.parametrize("hook,options", [HOOKS[3], HOOKS[7], HOOKS[10], HOOKS[13]],
@@ -252,15 +236,13 @@ def test_join_with_uneven_inputs(hook, options):
 def _lgreco_plans(rank, world_size, family):
     opts = {"powersgd": {"rank": 2}, "topk": {"density": 0.05}, "qsgd": {"bits": 4, "bucket_size": 64}}[family]
     model, ddp, state = build("lgreco", dict(opts, family=family, retune_every=5, accumulate_steps=3), SMALL_BUCKETS)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     ranks_seen = []
-    for step in range(17):
-        x, y = batch(rank, step)
-        opt.zero_grad()
-        nn.functional.mse_loss(ddp(x), y).backward()
-        opt.step()
+
+    def record_ranks(step):
         if family == "powersgd":
             ranks_seen.append({k: q.shape[1] for k, q in state.q_memory.items()})
+
+    sgd_steps(ddp, model, rank, 17, after_step=record_ranks)
     return {"stats": state.stats(), "history": state.history, "ranks_seen": ranks_seen,
             "residual_keys": sorted(state.residuals)}
 
