@@ -1,5 +1,6 @@
 # The two commands of the README's quick start:
-#   make run    set everything up, then run the main job (the kernel benchmark, for now)
+#   make run    set everything up, then run the main job: benchmarks/throughput.py on 2 emulated
+#               nodes (as root; unshaped loopback otherwise)
 #   make test   set everything up, then run the test suite
 # Both create .venv, install torch==2.13.0 there when no torch is present (CPU wheel, never an
 # unpinned torch) and install commlib in editable mode.
@@ -8,12 +9,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.commlib-installed
 
-.PHONY: setup run test kernels clean
+.PHONY: setup run test kernels bench-kernels clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test,bench,mpi]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,6 +23,9 @@ kernels: setup
 	$(PY) -m commlib.ext build
 
 run: kernels
+	$(PY) benchmarks/throughput.py
+
+bench-kernels: kernels
 	$(PY) benchmarks/bench_kernels.py
 
 test: kernels

@@ -1,0 +1,328 @@
+"""Real training workloads for examples and benchmarks: models from ``transformers`` configs, real bytes.
+
+Models are built from configs with random init (nothing downloaded):
+
+* ``gpt2``: :class:`transformers.GPT2LMHeadModel`, byte vocabulary (256), trained on the Python
+  install's own ``Lib/*.py`` sources (next-byte prediction);
+* ``resnet``: :class:`transformers.ResNetForImageClassification` (basic blocks), trained on
+  scikit-learn's bundled 8x8 handwritten digits, upsampled to 32x32.
+
+Run under ``torchrun`` (or ``mpiexec`` through :mod:`commlib.launch.mpi`) as a module::
+
+    torchrun --nproc-per-node 2 -m commlib.workloads --model gpt2 --hook powersgd --option rank=4 --steps 30
+
+Rank 0 prints one JSON line (``RESULT {...}``) with per-step times, losses, bytes per step and the
+held-out loss at the end; ``--out`` also writes it to a file. Besides the commlib hooks (any name
+in :func:`commlib.hooks.names`) it runs the baselines ``none`` (DDP's dense allreduce),
+``torch_fp16`` and ``torch_powersgd`` (PyTorch's own hooks) so that every figure of a comparison
+comes from the same code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+BASELINES = ("none", "torch_fp16", "torch_powersgd")
+
+
+# ---------------------------------------------------------------------------------------- data
+def python_source_bytes(limit: int = 4_000_000) -> torch.Tensor:
+    """Bytes of the standard library's ``.py`` files in sorted path order (identical on every rank)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= limit:
+            break
+    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
+
+
+def digits_images(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 handwritten digits (ships with the package), as 3 x size x size floats."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)
+    x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(digits.target).long()
+
+
+class ByteBatches:
+    """Random windows of a rank's shard of the corpus; a fixed held-out tail for evaluation."""
+
+    def __init__(self, rank: int, world: int, batch: int, context: int, seed: int):
+        data = python_source_bytes()
+        split = int(0.95 * data.numel())
+        self.train = data[:split][rank::world]
+        self.held_out = data[split:]
+        self.batch, self.context = batch, context
+        self.gen = torch.Generator().manual_seed(seed * 1000 + rank)
+
+    def windows(self, data: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return torch.stack([data[o : o + self.context + 1] for o in offsets.tolist()])
+
+    def next(self) -> torch.Tensor:
+        offsets = torch.randint(0, self.train.numel() - self.context - 1, (self.batch,), generator=self.gen)
+        return self.windows(self.train, offsets)
+
+    def evaluation(self, batches: int = 8) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(12345)
+        return [self.windows(self.held_out, torch.randint(0, self.held_out.numel() - self.context - 1,
+                                                          (self.batch,), generator=gen))
+                for _ in range(batches)]
+
+
+class DigitBatches:
+    def __init__(self, rank: int, world: int, batch: int, seed: int):
+        x, y = digits_images()
+        self.train_x, self.train_y = x[:1600][rank::world], y[:1600][rank::world]
+        self.test_x, self.test_y = x[1600:], y[1600:]
+        self.batch = batch
+        self.gen = torch.Generator().manual_seed(seed * 1000 + rank)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, self.train_x.shape[0], (self.batch,), generator=self.gen)
+        return self.train_x[idx], self.train_y[idx]
+
+    def evaluation(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.test_x, self.test_y)]
+
+
+# ---------------------------------------------------------------------------------------- models
+def gpt2_model(dim: int = 256, layers: int = 4, heads: int = 4, context: int = 64) -> nn.Module:
+    """A GPT-2 LM (``transformers.GPT2Config``) over bytes, random init, no dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    config = GPT2Config(vocab_size=256, n_positions=context, n_embd=dim, n_layer=layers, n_head=heads,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                        tie_word_embeddings=True)
+    return GPT2LMHeadModel(config)
+
+
+def resnet_model(width: int = 32, depths: tuple = (1, 1, 1, 1)) -> nn.Module:
+    """A ResNet (``transformers.ResNetConfig``, basic blocks) for the 10 digit classes."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    config = ResNetConfig(num_channels=3, embedding_size=width, hidden_sizes=[width * 2**i for i in range(4)],
+                          depths=list(depths), layer_type="basic", num_labels=10, downsample_in_first_stage=False)
+    return ResNetForImageClassification(config)
+
+
+def lm_loss(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=window[:, :-1]).logits
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
+
+
+def cnn_loss(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(pixel_values=x).logits, y)
+
+
+# ---------------------------------------------------------------------------------------- hooks
+def parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_compressor(text: str | None):
+    """``"QSGD(bits=4)"`` -> ``compress.QSGD(bits=4)``."""
+    from commlib import compress
+
+    if not text:
+        return None
+    name, _, rest = text.partition("(")
+    kwargs = {}
+    for part in filter(None, (p.strip() for p in rest.rstrip(")").split(","))):
+        key, _, value = part.partition("=")
+        kwargs[key.strip()] = parse_value(value.strip())
+    return getattr(compress, name.strip())(**kwargs)
+
+
+def torch_powersgd_bytes(model: nn.Module, rank: int, min_compression_rate: float = 2.0) -> int:
+    """Bytes per step PyTorch's PowerSGD hook sends (P and Q of each compressed matrix, the rest dense).
+
+    Mirrors its per-tensor rule: a tensor is compressed when it is a matrix (after flattening
+    trailing dims) and ``n*m >= min_compression_rate * (n + m) * rank``.
+    """
+    total = 0
+    for p in model.parameters():
+        if p.dim() > 1:
+            n, m = p.shape[0], p.numel() // p.shape[0]
+            r = min(n, m, rank)
+            if n * m >= min_compression_rate * (n + m) * r:
+                total += (n + m) * r * p.element_size()
+                continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def register_hook(ddp: DDP, model: nn.Module, name: str, options: dict):
+    """Register hook ``name`` on ``ddp``; returns ``(commlib_state_or_None, bytes_per_step_fn)``."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    dense = sum(p.numel() * p.element_size() for p in model.parameters())
+    if name == "none":
+        return None, lambda: dense
+    if name == "torch_fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        return None, lambda: dense // 2
+    if name == "torch_powersgd":
+        rank = int(options.get("rank", 1))
+        state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=rank,
+                                            start_powerSGD_iter=int(options.get("start_iter", 2)),
+                                            use_error_feedback=True, warm_start=True, random_seed=0)
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        compressed = torch_powersgd_bytes(model, rank)
+        return None, lambda: compressed
+    from commlib import hooks
+
+    state, hook = hooks.make(name, model=model, **options)
+    ddp.register_comm_hook(state, hook)
+    return state, None
+
+
+def interface_tx_bytes(interface: str | None) -> int:
+    """Bytes sent so far on a network interface (the emulated node's link), 0 when not given."""
+    if not interface:
+        return 0
+    return int(Path(f"/sys/class/net/{interface}/statistics/tx_bytes").read_text())
+
+
+# ---------------------------------------------------------------------------------------- training
+def parse_args(argv=None) -> argparse.Namespace:
+    from commlib import hooks
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gpt2", choices=["gpt2", "resnet"])
+    parser.add_argument("--dim", type=int, default=256, help="gpt2 width / resnet base width")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    parser.add_argument("--hook", default="none", choices=list(BASELINES) + hooks.names())
+    parser.add_argument("--option", action="append", default=[], help="hook option key=value (repeatable)")
+    parser.add_argument("--compressor", help='for --hook ef and friends, e.g. "TopK(density=0.01)"')
+    parser.add_argument("--interface", default=os.environ.get("COMMLIB_WIRE_INTERFACE"),
+                        help="network interface whose tx bytes are reported (the emulated link)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="collective timeout in seconds")
+    parser.add_argument("--out", help="write rank 0's JSON result here")
+    parser.add_argument("--log-every", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train on the initialized process group; returns the rank's result dict."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(args.seed)
+    if args.model == "gpt2":
+        model = gpt2_model(args.dim, args.layers, args.heads, args.context)
+        data = ByteBatches(rank, world, args.batch, args.context, args.seed)
+        loss_fn = lm_loss
+    else:
+        model = resnet_model(args.dim)
+        data = DigitBatches(rank, world, args.batch, args.seed)
+        loss_fn = cnn_loss
+    ddp = DDP(model, bucket_cap_mb=args.bucket_cap_mb)
+    options = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.option)}
+    if args.compressor:
+        options["compressor"] = parse_compressor(args.compressor)
+    state, fixed_bytes = register_hook(ddp, model, args.hook, options)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    times, losses = [], []
+    hook_bytes_start = wire_start = 0
+    for step in range(args.steps):
+        if step == args.warmup:
+            dist.barrier()
+            hook_bytes_start = state.stats()["total_bytes_sent"] if state is not None else 0
+            wire_start = interface_tx_bytes(args.interface)
+        batch = data.next()
+        t0 = time.perf_counter()
+        loss = loss_fn(ddp, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        if rank == 0 and args.log_every and step % args.log_every == 0:
+            print(f"step {step:4d}  loss {losses[-1]:.4f}  {times[-1] * 1e3:.0f} ms", file=sys.stderr, flush=True)
+    timed = max(1, args.steps - args.warmup)
+    wire = interface_tx_bytes(args.interface) - wire_start if args.interface else None
+    if state is not None:
+        bytes_per_step = (state.stats()["total_bytes_sent"] - hook_bytes_start) / timed
+    else:
+        bytes_per_step = float(fixed_bytes())
+    with torch.no_grad():
+        eval_loss = sum(float(loss_fn(model, b)) for b in data.evaluation()) / len(data.evaluation())
+    dense = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = [p.detach().reshape(-1) for p in model.parameters()]
+    checksum = float(torch.cat(params).double().sum())
+    step_times = sorted(times[args.warmup:]) or sorted(times)
+    batch_size = args.batch * world
+    result = {
+        "model": args.model, "hook": args.hook, "options": {k: str(v) for k, v in options.items()},
+        "world": world, "steps": args.steps, "warmup": args.warmup,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "step_seconds_median": step_times[len(step_times) // 2],
+        "samples_per_second": batch_size / step_times[len(step_times) // 2],
+        "bytes_per_step": bytes_per_step, "dense_bytes_per_step": dense,
+        "compression_ratio": dense / bytes_per_step if bytes_per_step else float("inf"),
+        "wire_tx_bytes_per_step": wire / timed if wire is not None else None,
+        "train_loss_last": sum(losses[-5:]) / len(losses[-5:]),
+        "eval_loss": eval_loss, "losses": losses, "step_seconds": times,
+        "param_checksum": checksum,
+    }
+    if state is not None:
+        stats = state.stats()
+        result["skipped_steps"] = stats["skipped_steps"]
+        if "lgreco" in stats:
+            result["lgreco_plan"] = stats["lgreco"]["plan"]
+    return result
+
+
+def main(argv=None) -> None:
+    from datetime import timedelta
+
+    args = parse_args(argv)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    try:
+        result = train(args)
+        checksums = [None] * dist.get_world_size()
+        dist.all_gather_object(checksums, result["param_checksum"])
+        result["ranks_agree"] = len(set(checksums)) == 1
+        if dist.get_rank() == 0:
+            line = json.dumps(result)
+            print("RESULT " + line, flush=True)
+            if args.out:
+                Path(args.out).write_text(line)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
