@@ -5,7 +5,7 @@ local ranks from the same seed and data, and reports the bytes each rank sends p
 warm-up, including the dense 1-D tensors) and the held-out loss at the end. L-GreCo runs against
 the uniform setting of the same family with the same default. Results: JSON and a table.
 
-    python benchmarks/bench_lgreco.py                     # powersgd family, ~10 minutes
+    python benchmarks/bench_lgreco.py                     # powersgd family, default rank 8, ~6 minutes
     python benchmarks/bench_lgreco.py --family topk --steps 200
 """
 
@@ -54,10 +54,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="powersgd", choices=["powersgd", "topk", "qsgd"])
     parser.add_argument("--default", help="uniform default (rank / density / bits)")
-    parser.add_argument("--candidates", help="python list literal, e.g. [1,2,4,8,16]")
+    parser.add_argument("--candidates", help="python list literal; default for powersgd: [1,2,3,4,6,8,12,16,24,32]")
     parser.add_argument("--alpha", type=float, action="append", help="error budget factor(s)")
     parser.add_argument("--retune-every", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -66,8 +66,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_lgreco.json"))
     args = parser.parse_args()
-    default = args.default or {"powersgd": "4", "topk": "0.01", "qsgd": "4"}[args.family]
-    alphas = args.alpha or [1.0]
+    default = args.default or {"powersgd": "8", "topk": "0.01", "qsgd": "4"}[args.family]
+    if args.candidates is None and args.family == "powersgd" and args.default is None:
+        args.candidates = "[1,2,3,4,6,8,12,16,24,32]"
+    alphas = args.alpha or [1.0, 1.25]
     rows = []
     for label, hook_args in configurations(args.family, default, args.candidates, alphas, args.retune_every):
         result = run_config(hook_args, args)

@@ -83,8 +83,9 @@ def run_one(cluster, model_args, hook, extra, steps, warmup, port) -> dict:
     try:
         outputs = cluster.torchrun(args, port=port, timeout=900)
     except RuntimeError as err:
-        lines = [ln for ln in str(err).splitlines() if ln.strip()]
-        reason = next((ln for ln in lines if "Error" in ln or "error" in ln), lines[-1] if lines else "failed")
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        raised = [ln for ln in lines if ("Error:" in ln or "Exception:" in ln) and not ln.startswith("File ")]
+        reason = raised[0] if raised else (lines[-1] if lines else "failed")
         return {"crashed": True, "reason": reason.strip()[:300]}
     for line in outputs[0].splitlines():
         if line.startswith("RESULT "):

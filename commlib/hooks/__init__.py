@@ -9,6 +9,15 @@ import torch.distributed as dist
 
 from commlib.hooks.allreduce import AllreduceState, CastState
 from commlib.hooks.ef import ErrorFeedbackState
+from commlib.hooks.ef21 import EF21State, EF21WState
+from commlib.hooks.ef21_theory import (
+    compressor_alpha,
+    ef21_stepsize,
+    ef21_stepsize_from_smoothness,
+    ef21_theta_beta,
+    ef21w_stepsize,
+    ef21w_weights,
+)
 from commlib.hooks.lgreco import LGreCoEFState, LGreCoPowerSGDState, make_lgreco
 from commlib.hooks.powersgd import PowerSGDState
 from commlib.hooks.state import HookState
@@ -32,6 +41,8 @@ _REGISTRY = {
     "fp16": _fp16,
     "bf16": _bf16,
     "ef": ErrorFeedbackState,
+    "ef21": EF21State,
+    "ef21w": EF21WState,
     "powersgd": PowerSGDState,
     "lgreco": make_lgreco,
 }
@@ -61,6 +72,7 @@ def make(name: str, process_group=None, **options):
     return _REGISTRY[name](process_group, **options), commlib_hook
 
 
-__all__ = ["AllreduceState", "CastState", "ErrorFeedbackState", "HookState", "LGreCoEFState", "LGreCoPowerSGDState",
+__all__ = ["AllreduceState", "CastState", "EF21State", "EF21WState", "ErrorFeedbackState", "HookState", "LGreCoEFState", "LGreCoPowerSGDState",
            "PowerSGDState", "commlib_hook",
-           "make", "names", "register"]
+           "compressor_alpha", "ef21_stepsize", "ef21_stepsize_from_smoothness", "ef21_theta_beta",
+           "ef21w_stepsize", "ef21w_weights", "make", "names", "register"]

@@ -28,6 +28,11 @@ HOOKS = [
     ("lgreco", {"family": "powersgd", "rank": 2, "retune_every": 4, "accumulate_steps": 2}),
     ("lgreco", {"family": "topk", "density": 0.05, "retune_every": 4, "accumulate_steps": 2}),
     ("lgreco", {"family": "qsgd", "bits": 4, "bucket_size": 64, "retune_every": 4, "accumulate_steps": 2}),
+    ("ef21", {"compressor": ("TopK", {"density": 0.1})}),
+    ("ef21", {"compressor": ("RandomK", {"density": 0.2, "seed": 3})}),
+    ("ef21", {"compressor": ("Sign", {}), "collective": "two_phase"}),
+    ("ef21w", {"compressor": ("Cast", {"dtype": torch.float16}), "collective": "allgather", "estimate_every": 4}),
+    ("ef21w", {"compressor": ("QSGD", {"bits": 8, "bucket_size": 64}), "estimate_every": 3}),
 ]
 HOOK_IDS = [f"{h}-{o.get('compressor', ('',))[0]}{o.get('collective', '')}{o.get('family', '')}{o.get('rank', '')}"
             for h, o in HOOKS]
@@ -195,7 +200,7 @@ def _resume_rank(rank, world_size, hook, options, k, checkpoints):
 
 
 # ------------------------------------------------------------------------------------------------
-NONFINITE = [HOOKS[0], HOOKS[1], HOOKS[3], HOOKS[5], HOOKS[6], HOOKS[7], HOOKS[10], HOOKS[12]]
+NONFINITE = [HOOKS[0], HOOKS[1], HOOKS[3], HOOKS[5], HOOKS[6], HOOKS[7], HOOKS[10], HOOKS[12], *HOOKS[15:]]
 
 
 @pytest.mark.parametrize("hook,options", NONFINITE, ids=[HOOK_IDS[HOOKS.index(h)] for h in NONFINITE])

@@ -1,0 +1,313 @@
+"""EF21 (Richtárik, Sokolov, Fatkhullin; NeurIPS 2021) and EF21-W (Richtárik, Gasanov, Burlachenko; ICLR 2024)."""
+
+from __future__ import annotations
+
+import torch
+
+from commlib import compress
+from commlib.comm.patterns import allgather_payloads, two_phase_alignment, two_phase_allreduce
+from commlib.comm.queue import Comm
+from commlib.compress.base import Compressor, Payload
+from commlib.hooks.ef import COLLECTIVES, check_compressor, sum_summable_payloads
+from commlib.hooks.ef21_theory import ef21w_weights
+from commlib.hooks.state import HookState, ParamView, numel_bytes
+
+
+def ef21_message(target: torch.Tensor, estimate: torch.Tensor, compressor: Compressor, seed: int):
+    r"""One worker's EF21 message (EF21, Alg. 1, line 5): ``c_i = C(target - g_i)``.
+
+    ``target`` is the local gradient (EF21) or ``grad_i / (n w_i)`` (EF21-W). Returns the payload
+    and its decompression ``c_i``; the worker's new estimate is ``g_i + c_i``.
+    """
+    payload = compressor.compress(target - estimate, seed=seed)
+    return payload, compressor.decompress(payload)
+
+
+def scale_payload(payload: Payload, factor: float) -> Payload:
+    """``factor`` x a summable payload (its decompression is linear in the wire tensors)."""
+    tensors = tuple(t * factor if t.is_floating_point() else t for t in payload.tensors)
+    return Payload(tensors, payload.shape, payload.dtype, payload.context)
+
+
+class EF21State(HookState):
+    r"""EF21 with any compressor: each rank keeps its gradient estimate ``g_i``, all ranks the same ``g``.
+
+    Per compressed step and parameter (EF21, Alg. 1)::
+
+        c_i = C(grad_i - g_i);   g_i <- g_i + c_i;   g <- g + mean_j c_j;   return g
+
+    The first compressed step of a parameter is one dense round: ``g_i = grad_i``, ``g = mean grad``.
+    Summable compressors (Cast, RandomK) are reduced with one allreduce, the others with an
+    all-gather (or ``collective="two_phase"``: reduce-scatter/all-gather of compressed chunks; the
+    server's recompression then enters ``g`` exactly as every rank sees it, so all ranks still agree,
+    but ``g`` is no longer exactly ``mean g_i``). With :class:`~commlib.compress.Identity`, EF21 is
+    plain averaging (``g_i = grad_i``, ``g = mean grad``) and the state does exactly that.
+
+    Memory: two gradient-sized buffers per compressed parameter, ``g_i`` and ``g`` (the least any
+    EF21 implementation can keep: ``g`` cannot be rebuilt from local data), in the gradient's dtype.
+    Classic EF (``hooks.make("ef")``) keeps one.
+
+    Arguments:
+        compressor: a contractive :mod:`commlib.compress` compressor (default ``TopK(0.01)``);
+            :func:`commlib.hooks.compressor_alpha` gives its alpha for the theory step size.
+        collective: ``"auto"``, ``"allreduce"`` (summable only), ``"allgather"`` or ``"two_phase"``.
+
+    Example::
+
+        >>> from commlib import compress, hooks
+        >>> state, hook = hooks.make("ef21", compressor=compress.TopK(0.01), model=model)  # doctest: +SKIP
+        >>> ddp_model.register_comm_hook(state, hook)                                      # doctest: +SKIP
+    """
+
+    name = "ef21"
+
+    def __init__(self, process_group=None, compressor: Compressor | None = None, *, collective: str = "auto",
+                 **kwargs):
+        self.compressor = check_compressor(compressor if compressor is not None else compress.TopK(0.01))
+        if collective not in COLLECTIVES:
+            raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
+        if collective == "allreduce" and not self.compressor.summable:
+            raise ValueError(f"collective 'allreduce' needs a summable compressor; {self.compressor!r} is not")
+        if collective == "auto":
+            collective = "allreduce" if self.compressor.summable else "allgather"
+        self.collective = collective
+        self.local_estimates: dict[str, torch.Tensor] = {}  # g_i
+        self.aggregates: dict[str, torch.Tensor] = {}  # g (identical on every rank)
+        self.server_errors: dict[str, torch.Tensor] = {}
+        super().__init__(process_group, **kwargs)
+
+    # ------------------------------------------------------------------ weights (EF21-W overrides)
+    def weight(self, rank: int) -> float:
+        """``w_rank``; EF21 is EF21-W with ``w = 1/n``."""
+        return 1.0 / self.world_size
+
+    def target(self, grad: torch.Tensor) -> torch.Tensor:
+        """What ``g_i`` estimates: ``grad_i`` (EF21); EF21-W overrides with ``grad_i / (n w_i)``."""
+        return grad
+
+    # ------------------------------------------------------------------ the job
+    def compressible(self, view: ParamView) -> bool:
+        return view.grad.dim() > 1 and self.compressor.shrinks(view.grad.shape, view.grad.dtype)
+
+    def compressed_job(self, buffer, views, step, bucket_index):
+        def job(comm: Comm):
+            identity = isinstance(self.compressor, compress.Identity)
+            fresh = [v for v in views if not self.compressible(v) or v.key not in self.aggregates or identity]
+            chosen = [v for v in views if v not in fresh]
+            # dense: 1-D tensors, tensors compression would not shrink, and every parameter's first
+            # EF21 round (g_i = target_i, g = mean grad); EF21 with Identity stays here exactly.
+            starting = [v for v in fresh if self.compressible(v)]
+            targets = {v.key: self.target(v.grad).clone() for v in starting}
+            self.average_dense(comm, fresh)
+            if starting and all(self.all_finite(v.grad) for v in starting):
+                for v in starting:
+                    if not identity:
+                        self.local_estimates[v.key] = targets[v.key]
+                        self.aggregates[v.key] = v.grad.clone()
+            elif starting:
+                self.mark_skipped(step)
+            if chosen:
+                self.reduce_compressed(comm, chosen, step)
+            return buffer
+
+        return job
+
+    def reduce_compressed(self, comm: Comm, chosen: list[ParamView], step: int) -> None:
+        n = comm.world_size
+        own = self.weight(comm.rank) * n  # n w_i: 1 for EF21
+        for v in chosen:
+            size = self.compressor.nbytes(v.grad.shape, v.grad.dtype)
+            self.count_bytes(size, numel_bytes(v.grad))
+            self.per_layer[v.key] = {"numel": v.grad.numel(), "compressed": True, "payload_bytes": size,
+                                     "dense_bytes": numel_bytes(v.grad)}
+        messages, updates, server_errors = [], [], {}  # c_i (local) and sum_j w_j c_j (aggregate)
+        if self.collective == "two_phase":
+            align = two_phase_alignment(self.compressor, n)
+            values = []
+            for v in chosen:
+                diff = (self.target(v.grad) - self.local_estimates[v.key]).reshape(-1)
+                values.append(torch.nn.functional.pad(diff * own if own != 1.0 else diff,
+                                                      (0, -v.grad.numel() % align)))
+            results, local_hat, errors = two_phase_allreduce(
+                comm, values, self.compressor, [self.server_errors.get(v.key) for v in chosen],
+                [self.layer_seed(step, v.key) for v in chosen])
+            for v, result, hat in zip(chosen, results, local_hat):
+                k = v.grad.numel()
+                messages.append((hat[:k] / own if own != 1.0 else hat[:k]).view(v.grad.shape))
+                updates.append(result[:k].view(v.grad.shape))
+            server_errors = dict(zip((v.key for v in chosen), errors))
+        else:
+            payloads = []
+            for v in chosen:
+                payload, message = ef21_message(self.target(v.grad), self.local_estimates[v.key], self.compressor,
+                                                self.layer_seed(step, v.key))
+                payloads.append(payload)
+                messages.append(message)
+            if self.collective == "allreduce":
+                if own != 1.0:  # mean_j (n w_j c_j) = sum_j w_j c_j; decompression is linear for summable payloads
+                    payloads = [scale_payload(p, own) for p in payloads]
+                for v, p in zip(chosen, sum_summable_payloads(comm, payloads)):
+                    updates.append(self.compressor.decompress(p).to(v.grad.dtype))
+            else:
+                gathered = allgather_payloads(comm, payloads)
+                weights = [self.weight(r) for r in range(n)]
+                for i, v in enumerate(chosen):
+                    update = torch.zeros(v.grad.shape, dtype=torch.float32, device=v.grad.device)
+                    for r, rank_payloads in enumerate(gathered):  # rank order: the same sum everywhere
+                        update.add_(self.compressor.decompress(rank_payloads[i]).float(), alpha=weights[r])
+                    updates.append(update)
+        new_aggregates = [self.aggregates[v.key] + u.to(v.grad.dtype) for v, u in zip(chosen, updates)]
+        for v, g in zip(chosen, new_aggregates):
+            v.grad.copy_(g)
+        # Rule 5: a non-finite aggregate (any rank overflowed) propagates and commits nothing.
+        if all(self.all_finite(g) for g in new_aggregates):
+            for v, c, g in zip(chosen, messages, new_aggregates):
+                self.local_estimates[v.key] = self.local_estimates[v.key] + c.to(v.grad.dtype)
+                self.aggregates[v.key] = g
+            self.server_errors.update(server_errors)
+        else:
+            self.mark_skipped(step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def buffers_state(self) -> dict:
+        return {"local_estimates": dict(self.local_estimates), "aggregates": dict(self.aggregates),
+                "server_errors": dict(self.server_errors)}
+
+    def load_buffers_state(self, buffers: dict) -> None:
+        self.local_estimates = dict(buffers["local_estimates"])
+        self.aggregates = dict(buffers["aggregates"])
+        self.server_errors = dict(buffers["server_errors"])
+
+
+class EF21WState(EF21State):
+    r"""EF21-W: EF21 with weights ``w_i = L_i / sum_j L_j`` (Richtárik, Gasanov, Burlachenko 2024, Alg. 1)::
+
+        c_i = C(grad_i / (n w_i) - g_i);   g_i <- g_i + c_i;   g <- g + sum_j w_j c_j
+
+    Its theory step size uses the arithmetic mean of the L_i instead of EF21's quadratic mean
+    (:func:`commlib.hooks.ef21w_stepsize`). For positively homogeneous compressors (TopK, RandomK,
+    scaled Sign) the iterates equal EF21's; the weights change the algorithm for the others (Cast,
+    QSGD). ``g`` is ``mean grad`` after the dense first round, as in EF21.
+
+    Weights: ``smoothness=[L_0, ..., L_{n-1}]`` (one per rank, as the user knows them), or, when
+    not given, estimated online. The online estimator: every ``estimate_every`` steps, each rank
+    snapshots its compressed parameters ``x`` and local gradients; one step later it computes
+    ``L_hat_i = ||grad_i(x') - grad_i(x)|| / ||x' - x||`` over them (a secant estimate of the local
+    smoothness; with minibatch noise it is biased upwards, equally on every rank in expectation),
+    the ranks all-gather their ``L_hat`` (one float each, the same tensor on every rank), and every
+    rank updates ``L_i <- s L_i + (1 - s) L_hat_i`` (``smoothing`` s, the first estimate taken as is)
+    and ``w_i = L_i / sum L``. On a weight change ``g_i`` is rescaled by ``w_old / w_new`` so that
+    ``n w_i g_i`` (the estimate of ``grad_i``) and ``g = sum w_i g_i`` are unchanged. The snapshots
+    exist for one step in ``estimate_every``; otherwise memory is EF21's.
+
+    Example::
+
+        >>> state, hook = hooks.make("ef21w", compressor=compress.TopK(0.01), smoothness=[1.0, 4.0])  # doctest: +SKIP
+    """
+
+    name = "ef21w"
+
+    def __init__(self, process_group=None, compressor: Compressor | None = None, *, smoothness=None,
+                 estimate_every: int = 50, smoothing: float = 0.9, **kwargs):
+        if isinstance(estimate_every, bool) or not isinstance(estimate_every, int) or estimate_every < 2:
+            raise ValueError(f"estimate_every must be an integer >= 2, got {estimate_every!r}")
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+            raise ValueError(f"smoothing must be a number in [0, 1), got {smoothing!r}")
+        super().__init__(process_group, compressor, **kwargs)
+        if smoothness is not None:
+            smoothness = [float(x) for x in smoothness]
+            if len(smoothness) != self.world_size:
+                raise ValueError(f"smoothness must have one L_i per rank ({self.world_size}), got {len(smoothness)}")
+            ef21w_weights(smoothness)  # validates: every L_i a finite number > 0
+        self.online = smoothness is None
+        self.estimate_every = estimate_every
+        self.smoothing = float(smoothing)
+        self.smoothness = torch.tensor(smoothness if smoothness is not None else [1.0] * self.world_size,
+                                       dtype=torch.float64)
+        self.estimates_taken = 0
+        self._params: dict[str, torch.Tensor] = {}
+        self._snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._secant = [0.0, 0.0]  # sum ||dgrad||^2, sum ||dx||^2 of the current estimate
+        self._pending_step = -1
+
+    def weight(self, rank: int) -> float:
+        return float(self.smoothness[rank] / self.smoothness.sum())
+
+    def weights(self) -> list[float]:
+        return [self.weight(r) for r in range(self.world_size)]
+
+    def target(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad / (self.world_size * self.weight(self.rank))
+
+    # ------------------------------------------------------------------ online L_i estimation
+    def param_views(self, bucket):
+        views = super().param_views(bucket)
+        if self.online:
+            for v, p in zip(views, bucket.parameters()):
+                self._params[v.key] = p
+        return views
+
+    def observe(self, views: list[ParamView], step: int) -> None:
+        if not self.online or step < self.start_iter:
+            return
+        phase = (step - self.start_iter) % self.estimate_every
+        for v in views:
+            if v.grad.dim() < 2 or v.key not in self._params:
+                continue
+            if phase == 0:
+                self._snapshot[v.key] = (self._params[v.key].detach().clone(), v.grad.detach().clone())
+                self._pending_step = step + 1
+            elif phase == 1 and v.key in self._snapshot:
+                x, g = self._snapshot.pop(v.key)
+                self._secant[0] += float((v.grad.double() - g.double()).pow(2).sum())
+                self._secant[1] += float((self._params[v.key].detach().double() - x.double()).pow(2).sum())
+
+    def prepare(self, comm: Comm, step: int) -> None:
+        if self.online and self._pending_step >= 0 and step > self._pending_step:
+            self._pending_step = -1
+            self._finish_estimate(comm)
+
+    def _finish_estimate(self, comm: Comm) -> None:
+        num, den = self._secant
+        self._secant = [0.0, 0.0]
+        self._snapshot.clear()
+        local = num**0.5 / den**0.5 if den > 0 and num > 0 else float("nan")
+        gathered = torch.cat(comm.all_gather(torch.tensor([local], dtype=torch.float64)))
+        if not bool(torch.isfinite(gathered).all()) or not bool((gathered > 0).all()):
+            return  # a rank saw no movement or an overflow: keep the weights (same verdict everywhere)
+        old = self.weights()
+        if self.estimates_taken == 0:
+            self.smoothness = gathered.clone()
+        else:
+            self.smoothness = self.smoothing * self.smoothness + (1 - self.smoothing) * gathered
+        self.estimates_taken += 1
+        ratio = old[self.rank] / self.weight(self.rank)
+        for key, estimate in self.local_estimates.items():
+            self.local_estimates[key] = estimate * ratio
+
+    # ------------------------------------------------------------------ books and checkpoints
+    def stats(self) -> dict:
+        stats = super().stats()
+        stats["ef21w"] = {"smoothness": self.smoothness.tolist(), "weights": self.weights(),
+                          "online": self.online, "estimates_taken": self.estimates_taken}
+        return stats
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["smoothness"] = self.smoothness.clone()
+        state["estimates_taken"] = self.estimates_taken
+        # an estimate in flight (snapshot taken, secant not finished) resumes where it was
+        state["estimate_in_flight"] = {
+            "snapshot_params": {k: x for k, (x, _) in self._snapshot.items()},
+            "snapshot_grads": {k: g for k, (_, g) in self._snapshot.items()},
+            "secant": list(self._secant), "pending_step": self._pending_step}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.smoothness = state["smoothness"].clone()
+        self.estimates_taken = int(state["estimates_taken"])
+        flight = state["estimate_in_flight"]
+        self._snapshot = {k: (x, flight["snapshot_grads"][k]) for k, x in flight["snapshot_params"].items()}
+        self._secant = [float(v) for v in flight["secant"]]
+        self._pending_step = int(flight["pending_step"])
