@@ -220,16 +220,43 @@ class EmulatedCluster:
         Raises ``RuntimeError`` with the failing node's stderr if any node exits non-zero, and
         ``TimeoutError`` (after killing every node) past ``timeout`` seconds.
         """
-        procs = []
+        def argv(i: int) -> list[str]:
+            return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nodes}",
+                    f"--nproc-per-node={nproc_per_node}", f"--node-rank={i}", f"--master-addr={self.address(0)}",
+                    f"--master-port={port}", *script_args]
+
+        return self.launch(argv, env=env, timeout=timeout, stream=stream)
+
+    def deepspeed(self, script_args: list[str], nproc_per_node: int = 1, port: int = 29500, timeout: float = 900,
+                  env: dict | None = None, stream: bool = False) -> list[str]:
+        """Run DeepSpeed's launcher on every node (``--no_ssh``, one hostfile, rendezvous on node 0).
+
+        ``script_args`` starts with ``--module name`` or a script path, as ``deepspeed`` takes them.
+        """
+        import tempfile
+
+        launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+        if not os.path.exists(launcher):
+            raise FileNotFoundError("deepspeed is not installed (pip install -e .[deepspeed])")
+        with tempfile.NamedTemporaryFile("w", suffix=".hostfile", delete=False) as hostfile:
+            hostfile.write("".join(f"node{i} slots={nproc_per_node}\n" for i in range(self.nodes)))
+
+        def argv(i: int) -> list[str]:
+            return [launcher, "--no_ssh", f"--node_rank={i}", f"--hostfile={hostfile.name}",
+                    f"--master_addr={self.address(0)}", f"--master_port={port}", "--no_local_rank", *script_args]
+
+        try:
+            return self.launch(argv, env=env, timeout=timeout, stream=stream)
+        finally:
+            os.unlink(hostfile.name)
+
+    def launch(self, argv_of_node, env: dict | None = None, timeout: float = 900, stream: bool = False) -> list[str]:
+        """Run ``argv_of_node(i)`` in every node with the cluster's environment; each node's stdout."""
         base_env = child_env(env)
         base_env.update(GLOO_SOCKET_IFNAME=self.interface, COMMLIB_WIRE_INTERFACE=self.interface,
                         OMP_NUM_THREADS=base_env.get("OMP_NUM_THREADS", "1"))
-        for i in range(self.nodes):
-            argv = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nodes}",
-                    f"--nproc-per-node={nproc_per_node}", f"--node-rank={i}", f"--master-addr={self.address(0)}",
-                    f"--master-port={port}", *script_args]
-            procs.append(self.popen(i, argv, env=base_env, stdout=subprocess.PIPE,
-                                    stderr=None if stream else subprocess.PIPE, text=True))
+        procs = [self.popen(i, argv_of_node(i), env=base_env, stdout=subprocess.PIPE,
+                            stderr=None if stream else subprocess.PIPE, text=True) for i in range(self.nodes)]
         return _collect(procs, timeout)
 
 
@@ -316,6 +343,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bandwidth", default="1gbit", help="tc rate per link and direction (default 1gbit)")
     parser.add_argument("--latency", default="0.5ms", help="one-way delay added on each node's link")
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--launcher", default="torchrun", choices=["torchrun", "deepspeed"],
+                        help="deepspeed: DeepSpeed's launcher with a hostfile (--no_ssh, one per node)")
     parser.add_argument("--reap", help=argparse.SUPPRESS)
     parser.add_argument("--cleanup", action="store_true", help="remove clusters left by dead commlib processes")
     parser.add_argument("script", nargs=argparse.REMAINDER)
@@ -332,7 +361,12 @@ def main(argv=None) -> int:
     _install_signal_handlers()
     cluster = open_cluster(args.nodes, args.bandwidth, args.latency, log=lambda m: print(m, file=sys.stderr))
     with cluster:
-        outputs = cluster.torchrun(script, nproc_per_node=args.nproc_per_node, timeout=args.timeout, stream=True)
+        if args.launcher == "deepspeed":
+            if not isinstance(cluster, EmulatedCluster):
+                parser.error("--launcher deepspeed needs the emulated cluster (root)")
+            outputs = cluster.deepspeed(script, nproc_per_node=args.nproc_per_node, timeout=args.timeout, stream=True)
+        else:
+            outputs = cluster.torchrun(script, nproc_per_node=args.nproc_per_node, timeout=args.timeout, stream=True)
     for i, out in enumerate(outputs):
         if out:
             print(f"--- node {i} ---\n{out}", end="" if out.endswith("\n") else "\n")

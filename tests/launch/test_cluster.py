@@ -89,3 +89,14 @@ def test_sigterm_of_the_cli_cleans_up():
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
     assert set(commlib_namespaces()) == before
+
+
+@needs_root
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "deepspeed")),
+                    reason="deepspeed not installed (pip install -e .[deepspeed])")
+def test_deepspeed_launcher_across_the_cluster():
+    with cl.EmulatedCluster(nodes=2) as cluster:
+        outputs = cluster.deepspeed(["--module", "commlib.workloads", "--dim", "64", "--layers", "1", "--steps", "4",
+                                     "--warmup", "1", "--hook", "fp16"], timeout=240)
+    result = json.loads(next(line for line in outputs[0].splitlines() if line.startswith("RESULT "))[7:])
+    assert result["world"] == 2 and result["ranks_agree"]
