@@ -78,7 +78,7 @@ def main() -> None:
         print(f"{label:28s} bytes/step {result['bytes_per_step']:>12,.0f}  eval loss {result['eval_loss']:.4f}"
               f"  train loss {result['train_loss_last']:.4f}", flush=True)
     base = rows[0]
-    print(f"\n| run | bytes/step | vs uniform | held-out loss | vs uniform |\n|---|---|---|---|---|")
+    print("\n| run | bytes/step | vs uniform | held-out loss | vs uniform |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['label']} | {r['bytes_per_step']:,.0f} | {base['bytes_per_step'] / r['bytes_per_step']:.2f}x fewer"
               f" | {r['eval_loss']:.4f} | {100 * (r['eval_loss'] / base['eval_loss'] - 1):+.2f}% |")

@@ -187,7 +187,8 @@ def main() -> None:
             r.pop("step_seconds", None)
             rows.append(r)
     report = table(rows, link_bps)
-    print(f"\n{args.nodes} {'emulated nodes, links shaped to ' + args.bandwidth if emulated else 'ranks on UNSHAPED loopback'}"
+    where = f"emulated nodes, links shaped to {args.bandwidth}" if emulated else "ranks on UNSHAPED loopback"
+    print(f"\n{args.nodes} {where}"
           f"{'' if not emulated or cluster.latency_emulated else ' (no added latency: no sch_netem)'}; "
           f"{steps} steps, {warmup} warm-up; {time.time() - started:.0f} s\n")
     print(report)

@@ -14,32 +14,17 @@ and the hook state (loaded with ``weights_only=True``).
 from __future__ import annotations
 
 import argparse
-import ast
 import math
 import os
-import sysconfig
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from commlib import compress, hooks
-
-
-def python_source_bytes(limit: int = 4_000_000) -> torch.Tensor:
-    """Bytes of the standard library's .py files, in sorted path order (the same on every rank)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for path in sorted(root.glob("*.py")):
-        data = path.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= limit:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
+from commlib import hooks
+from commlib.workloads import parse_compressor, parse_value, python_source_bytes
 
 
 class Block(nn.Module):
@@ -73,25 +58,6 @@ class TinyGPT(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return self.head(self.ln(x))
-
-
-def parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_compressor(text: str | None):
-    """``"QSGD(bits=4)"`` -> ``compress.QSGD(bits=4)``."""
-    if not text:
-        return None
-    name, _, rest = text.partition("(")
-    kwargs = {}
-    for part in filter(None, (p.strip() for p in rest.rstrip(")").split(","))):
-        key, _, value = part.partition("=")
-        kwargs[key.strip()] = parse_value(value.strip())
-    return getattr(compress, name.strip())(**kwargs)
 
 
 def main(argv=None) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from commlib import compress, hooks
 from commlib.hooks.ef21 import ef21_message
 
-from .ddp_harness import Net, batch, build, train
+from .ddp_harness import Net, batch, build, sgd_steps, train
 
 SMALL_BUCKETS = {"bucket_cap_mb": 0.004}
 LR = 0.05
@@ -20,12 +20,7 @@ LR = 0.05
 # ------------------------------------------------------------------------------------------------ DDP vs reference
 def _ddp_iterates(rank, world_size, hook, options, steps):
     model, ddp, state = build(hook, options, SMALL_BUCKETS)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    for step in range(steps):
-        x, y = batch(rank, step)
-        opt.zero_grad()
-        nn.functional.mse_loss(ddp(x), y).backward()
-        opt.step()
+    sgd_steps(ddp, model, rank, steps, lr=LR)
     dist.barrier()
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "aggregates": {k: v.clone() for k, v in state.aggregates.items()},
@@ -99,12 +94,7 @@ def _record_ef21(rank, world_size, options, steps):
             lambda f: (records.append((step, inputs, {v.key: v.grad.clone() for v in views})), f.value())[1])
 
     ddp.register_comm_hook(state, recording_hook)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    for step in range(steps):
-        x, y = batch(rank, step)
-        opt.zero_grad()
-        nn.functional.mse_loss(ddp(x), y).backward()
-        opt.step()
+    sgd_steps(ddp, model, rank, steps, lr=LR)
     dist.barrier()
     return {"records": records, "start_iter": state.start_iter}
 

@@ -275,3 +275,35 @@ def test_lgreco_same_plan_on_every_rank_and_within_budget(family):
             if key in last:
                 assert last[key] == min(r, 6)
     assert out[0]["residual_keys"]  # error feedback survived the retunes
+
+
+def _lgreco_tensorboard(rank, world_size, logdir):
+    from torch.utils.tensorboard import SummaryWriter
+
+    model, ddp, state = build("lgreco", {"family": "powersgd", "rank": 2, "retune_every": 4, "accumulate_steps": 2},
+                              SMALL_BUCKETS)
+    writer = SummaryWriter(logdir) if rank == 0 else None
+
+    def log(step):
+        if writer is not None:
+            state.log_to(writer, step)
+
+    sgd_steps(ddp, model, rank, 9, after_step=log)
+    if writer is not None:
+        writer.close()
+    return state.stats()["lgreco"]["plan"]
+
+
+def test_lgreco_plan_reaches_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard not installed (pip install -e .[test])")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    plan = run_world(_lgreco_tensorboard, 2, kwargs=dict(logdir=str(tmp_path)))[0]
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {f"lgreco/{k}" for k in plan} | {"lgreco/bytes_ratio_vs_uniform"} <= tags
+    for key, value in plan.items():
+        last = events.Scalars(f"lgreco/{key}")[-1]
+        assert last.step == 8 and last.value == float(value)
+    assert events.Scalars("lgreco/bytes_ratio_vs_uniform")[-1].value >= 1.0
