@@ -1,0 +1,437 @@
+"""GaLore, Fira and FRUGAL: AdamW whose state lives in a low-rank subspace of each gradient matrix.
+
+Update rules (W: m x n parameter, G its gradient, R the projected gradient, T the refresh gap):
+
+* GaLore (Zhao et al. 2024, Alg. 2): ``N = m/(sqrt(v)+eps)`` from Adam on R;
+  ``W -= lr * b * scale * back(N)`` with ``b = sqrt(1-beta2^t)/(1-beta1^t)``; weight decay after.
+* Fira (Chen et al. 2024, Eqs. 7-10): GaLore's step plus the residual ``S = phi ⊙ (G - back(R))``,
+  ``phi`` the column norms ``||N||/||R||`` along the unprojected side, and the norm-growth limiter
+  ``||S_t|| <= 1.01 ||S_{t-1}||``: ``W -= lr * b * (alpha back(N) + S)``.
+* FRUGAL (Zmushko et al. 2025, Alg. 1): Adam (torch-style) on R with the moments reset at each
+  refresh, and a state-free signSGD (or SGD) step on the rest ``G - back(R)``; or its blockwise form:
+  a fraction ``density`` of whole tensors gets AdamW, the others signSGD.
+
+Projectors (per group, ``projector=``): ``svd`` (GaLore's), ``random`` (orthonormal, seeded by
+(group seed, parameter, refresh): equal on every rank without communication) and ``dct`` (DCT-II
+basis vectors ranked by alignment with the gradient; only int64 indices are stored). Under DDP the
+projector is computed from the averaged gradient, so it is the same on every rank.
+
+State per parameter: tensors and ints only (``torch.load(weights_only=True)`` reads it); integer
+index tensors are protected from ``Optimizer.load_state_dict``'s cast to the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim import Optimizer
+
+from commlib.compress.base import derive_seed
+from commlib.optim import projectors as pj
+
+INT_STATE_KEYS = ("dct_indices",)
+
+
+def _require(name, value, ok: bool, allowed: str):
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------- pure math
+def adam_moments_(exp_avg, exp_avg_sq, grad, beta1: float, beta2: float) -> None:
+    """``m = b1 m + (1-b1) g``, ``v = b2 v + (1-b2) g^2`` in place."""
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+
+
+def transformers_adam_direction(exp_avg, exp_avg_sq, eps: float) -> torch.Tensor:
+    """GaLore/Fira's ``N = m / (sqrt(v) + eps)`` (bias correction goes into the step size)."""
+    return exp_avg / exp_avg_sq.sqrt().add_(eps)
+
+
+def transformers_step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool) -> float:
+    if not correct_bias:
+        return lr
+    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+def torch_adam_update(exp_avg, exp_avg_sq, step: int, beta1: float, beta2: float, eps: float) -> torch.Tensor:
+    """torch.optim.Adam's ``m_hat / (sqrt(v_hat) + eps)`` (FRUGAL's inner Adam)."""
+    bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
+    return (exp_avg / bc1) / (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
+
+
+def fira_scaling(direction: torch.Tensor, low_rank_grad: torch.Tensor) -> torch.Tensor:
+    """Fira's ``phi``: ratio of column norms of the Adam direction and the projected gradient,
+    along the side that was not projected, shaped to broadcast against the m x n residual."""
+    dim = 0 if direction.shape[0] < direction.shape[1] else 1
+    phi = torch.norm(direction, dim=dim) / (torch.norm(low_rank_grad, dim=dim) + 1e-8)
+    return phi.unsqueeze(1) if dim == 1 else phi
+
+
+def fira_limit(residual: torch.Tensor, previous_norm, gamma: float = 1.01):
+    """Norm-growth limiter: returns ``(residual', its recorded norm)`` with ``||S_t|| <= gamma ||S_{t-1}||``."""
+    norm = torch.norm(residual)
+    if previous_norm is None:
+        return residual, norm
+    limiter = max(norm / (previous_norm + 1e-8), gamma) / gamma
+    return residual / limiter, norm / limiter
+
+
+# ---------------------------------------------------------------------------------------- base class
+class LowRankAdamW(Optimizer):
+    """Shared machinery; use :class:`GaLoreAdamW`, :class:`FiraAdamW` or :class:`FrugalAdamW`."""
+
+    method = "galore"
+    group_defaults: dict = {}
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
+                 correct_bias: bool = True):
+        _require("lr", lr, isinstance(lr, (int, float)) and lr >= 0, "a number >= 0")
+        _require("betas", betas, len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)")
+        _require("eps", eps, isinstance(eps, (int, float)) and eps >= 0, "a number >= 0")
+        _require("weight_decay", weight_decay, isinstance(weight_decay, (int, float)) and weight_decay >= 0,
+                 "a number >= 0")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "correct_bias": correct_bias}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def is_low_rank_group(self, group: dict) -> bool:
+        return "rank" in group
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if self.is_low_rank_group(group):
+            for key, value in self.group_defaults.items():
+                group.setdefault(key, value)
+            self.validate_group(group)
+
+    def validate_group(self, group: dict) -> None:
+        _require("projector", group["projector"], group["projector"] in pj.PROJECTORS, f"one of {pj.PROJECTORS}")
+        _require("proj_type", group["proj_type"], group["proj_type"] in pj.PROJ_TYPES, f"one of {pj.PROJ_TYPES}")
+        gap = group["update_proj_gap"]
+        _require("update_proj_gap", gap, _is_int(gap) and gap >= 1, "an integer >= 1")
+        seed = group["seed"]
+        _require("seed", seed, _is_int(seed) and seed >= 0, "an integer >= 0")
+        for p in group["params"]:
+            if p.dim() >= 2:
+                shape = tuple(pj.as_matrix(p).shape)
+                pj.check_rank(self.group_rank(group, shape), shape, pj.side_for(shape, group["proj_type"]))
+
+    def group_rank(self, group: dict, shape) -> int:
+        return group["rank"]
+
+    # ------------------------------------------------------------------ projector refresh
+    def refresh_projector(self, group: dict, p: torch.Tensor, state: dict, grad2d: torch.Tensor, index: int) -> None:
+        shape = tuple(grad2d.shape)
+        side = pj.side_for(shape, group["proj_type"])
+        rank = self.group_rank(group, shape)
+        state["side"] = side
+        refresh = state.get("refreshes", 0)
+        if group["projector"] == "svd":
+            if torch.isfinite(grad2d).all() or "basis" not in state:  # a non-finite gradient keeps the old one
+                state["basis"] = pj.svd_basis(grad2d, rank, side)
+        elif group["projector"] == "random":
+            seed = derive_seed(group["seed"], index, refresh)
+            state["basis"] = pj.random_basis(shape, rank, side, seed, grad2d.dtype, grad2d.device)
+        else:
+            if torch.isfinite(grad2d).all() or "dct_indices" not in state:
+                state["dct_indices"] = pj.dct_indices(grad2d, rank, side)
+        state["refreshes"] = refresh + 1
+
+    def basis_of(self, state: dict, shape, dtype, device) -> torch.Tensor:
+        if "dct_indices" in state:
+            return pj.dct_basis(state["dct_indices"], shape, state["side"], dtype, device)
+        return state["basis"]
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            low_rank = self.is_low_rank_group(group)
+            for index, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if low_rank and p.dim() >= 2:
+                    self.low_rank_step(group, p, state, index)
+                else:
+                    self.dense_step(group, p, state)
+        return loss
+
+    def dense_step(self, group: dict, p: torch.Tensor, state: dict) -> None:
+        """Full-rank AdamW in GaLore's convention (bias correction in the step, decay after)."""
+        beta1, beta2 = group["betas"]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        adam_moments_(state["exp_avg"], state["exp_avg_sq"], p.grad, beta1, beta2)
+        direction = transformers_adam_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
+        p.add_(direction, alpha=-transformers_step_size(group["lr"], beta1, beta2, state["step"],
+                                                         group["correct_bias"]))
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    def low_rank_step(self, group: dict, p: torch.Tensor, state: dict, index: int) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but integer index tensors keep their dtype (torch casts state to the param dtype)."""
+        kept = {pid: {k: v.clone() for k, v in s.items() if k in INT_STATE_KEYS}
+                for pid, s in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            for key, value in kept.get(pid, {}).items():
+                self.state[p][key] = value.to(p.device)
+
+    def state_bytes(self) -> int:
+        """Bytes of every tensor in the optimizer state (moments, bases, indices, scalars)."""
+        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values()
+                   if torch.is_tensor(v))
+
+
+# ---------------------------------------------------------------------------------------- GaLore
+class GaLoreAdamW(LowRankAdamW):
+    r"""GaLore AdamW (Zhao et al., ICML 2024). Groups with a ``rank`` key are projected.
+
+    Group options: ``rank``, ``update_proj_gap`` (200), ``scale`` (0.25), ``proj_type`` (``std``),
+    ``projector`` (``svd`` | ``random`` | ``dct``), ``seed`` (0). Parameters with more than 2 dims
+    are projected as (dim 0) x (the rest); 1-D parameters in a low-rank group get plain AdamW. The
+    moments persist across refreshes (GaLore's choice). With ``projector="svd"`` it equals
+    ``galore_torch.GaLoreAdamW`` (galore-torch 1.0) step for step; its state is tensors only.
+
+    Example::
+
+        >>> import torch
+        >>> from commlib.optim import GaLoreAdamW
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+        >>> matrices = [p for p in model.parameters() if p.dim() == 2]
+        >>> others = [p for p in model.parameters() if p.dim() < 2]
+        >>> opt = GaLoreAdamW([{"params": others}, {"params": matrices, "rank": 4, "update_proj_gap": 50}], lr=1e-3)
+        >>> model(torch.randn(2, 64)).sum().backward(); opt.step()
+    """
+
+    method = "galore"
+    group_defaults = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "projector": "svd", "seed": 0}
+
+    def low_rank_step(self, group, p, state, index):
+        beta1, beta2 = group["betas"]
+        grad = pj.as_matrix(p.grad)
+        if "step" not in state:
+            state["step"] = 0
+        if state["step"] % group["update_proj_gap"] == 0 or "side" not in state:
+            self.refresh_projector(group, p, state, grad, index)
+        basis = self.basis_of(state, tuple(grad.shape), grad.dtype, grad.device)
+        low = pj.project(grad, basis, state["side"])
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(low)
+            state["exp_avg_sq"] = torch.zeros_like(low)
+        state["step"] += 1
+        adam_moments_(state["exp_avg"], state["exp_avg_sq"], low, beta1, beta2)
+        direction = transformers_adam_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
+        update = pj.project_back(direction, basis, state["side"]) * group["scale"]
+        p.add_(update.view_as(p), alpha=-transformers_step_size(group["lr"], beta1, beta2, state["step"],
+                                                                group["correct_bias"]))
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+
+# ---------------------------------------------------------------------------------------- Fira
+class FiraAdamW(LowRankAdamW):
+    r"""Fira (Chen et al. 2024): GaLore plus the norm-scaled full-rank residual and the limiter.
+
+    Group options as :class:`GaLoreAdamW` with ``alpha`` (0.25) for the scale, and ``residual``:
+
+    * ``"paper"`` (default): ``S = phi ⊙ (G - P R)``, the paper's Eq. 8;
+    * ``"reference"``: ``S = phi ⊙ (G - alpha P R)``, what ``fira.FiraAdamW`` 1.0.2 computes (its
+      ``project_back`` already multiplies by alpha, so ``1 - alpha`` of the in-subspace part leaks
+      into the residual). With it and ``projector="svd"`` this class equals ``fira.FiraAdamW``.
+
+    Example::
+
+        >>> opt = FiraAdamW([{"params": others}, {"params": matrices, "rank": 4, "alpha": 0.25}])  # doctest: +SKIP
+    """
+
+    method = "fira"
+    group_defaults = {"update_proj_gap": 200, "alpha": 0.25, "proj_type": "std", "projector": "svd", "seed": 0,
+                      "residual": "paper"}
+
+    def validate_group(self, group):
+        super().validate_group(group)
+        _require("residual", group["residual"], group["residual"] in ("paper", "reference"), "'paper' or 'reference'")
+
+    def low_rank_step(self, group, p, state, index):
+        beta1, beta2 = group["betas"]
+        grad = pj.as_matrix(p.grad)
+        if "step" not in state:
+            state["step"] = 0
+        if state["step"] % group["update_proj_gap"] == 0 or "side" not in state:
+            self.refresh_projector(group, p, state, grad, index)
+        basis = self.basis_of(state, tuple(grad.shape), grad.dtype, grad.device)
+        side, alpha = state["side"], group["alpha"]
+        low = pj.project(grad, basis, side)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(low)
+            state["exp_avg_sq"] = torch.zeros_like(low)
+        state["step"] += 1
+        adam_moments_(state["exp_avg"], state["exp_avg_sq"], low, beta1, beta2)
+        direction = transformers_adam_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
+        in_subspace = pj.project_back(low, basis, side)
+        if group["residual"] == "reference":
+            in_subspace = in_subspace * alpha
+        residual = (grad - in_subspace) * fira_scaling(direction, low)
+        residual, state["scaling_grad"] = fira_limit(residual, state.get("scaling_grad"))
+        update = pj.project_back(direction, basis, side) * alpha + residual
+        p.add_(update.view_as(p), alpha=-transformers_step_size(group["lr"], beta1, beta2, state["step"],
+                                                                group["correct_bias"]))
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+
+# ---------------------------------------------------------------------------------------- FRUGAL
+class FrugalAdamW(LowRankAdamW):
+    r"""FRUGAL (Zmushko et al., ICML 2025): state-full AdamW on a subspace, state-free updates on the rest.
+
+    Groups with a ``density`` key are split. Group options: ``density`` rho (0.25), ``update_proj_gap``
+    (200), ``projector`` (``svd`` | ``random`` | ``dct`` | ``blocks``), ``proj_type`` (``std``),
+    ``inactive_update_rule`` (``sign_sgd`` | ``sgd`` | ``no``), ``inactive_lr_scale`` (1.0),
+    ``proj_params_lr_scale`` (1.0), ``reset_statistics`` (True), ``block_order`` (``random`` |
+    ``ascending`` | ``descending``, for ``blocks``), ``seed`` (0).
+
+    * projection (``svd``/``random``/``dct``): rank = max(1, round(rho x the projected side));
+      ``W -= lr s (Adam(R) back-projected) + lr s s_in sign(G - back(R))`` with s = proj_params_lr_scale.
+    * ``blocks``: every ``update_proj_gap`` steps a fraction rho of the group's tensors (chosen by
+      ``block_order``, deterministic from the seed and the refresh count, so equal on all ranks) is
+      active and gets AdamW; the others get the state-free rule and hold no state.
+
+    Weight decay is torch-style (before the update); the inner Adam is torch's (eps 1e-8 default).
+    All parameters of a non-FRUGAL group get torch-style AdamW too.
+
+    Example::
+
+        >>> opt = FrugalAdamW([{"params": others}, {"params": matrices, "density": 0.25}], lr=1e-3)  # doctest: +SKIP
+    """
+
+    method = "frugal"
+    group_defaults = {"density": 0.25, "update_proj_gap": 200, "proj_type": "std", "projector": "svd", "seed": 0,
+                      "inactive_update_rule": "sign_sgd", "inactive_lr_scale": 1.0, "proj_params_lr_scale": 1.0,
+                      "reset_statistics": True, "block_order": "random"}
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=True)
+
+    def is_low_rank_group(self, group):
+        return "density" in group
+
+    def validate_group(self, group):
+        rho = group["density"]
+        _require("density", rho, isinstance(rho, (int, float)) and not isinstance(rho, bool) and 0 <= rho <= 1,
+                 "a number in [0, 1]")
+        _require("projector", group["projector"], group["projector"] in pj.PROJECTORS + ("blocks",),
+                 f"one of {pj.PROJECTORS + ('blocks',)}")
+        _require("inactive_update_rule", group["inactive_update_rule"],
+                 group["inactive_update_rule"] in ("sign_sgd", "sgd", "no"), "'sign_sgd', 'sgd' or 'no'")
+        _require("block_order", group["block_order"], group["block_order"] in ("random", "ascending", "descending"),
+                 "'random', 'ascending' or 'descending'")
+        if group["projector"] != "blocks":
+            super().validate_group(group)
+        else:
+            gap = group["update_proj_gap"]
+            _require("update_proj_gap", gap, _is_int(gap) and gap >= 1, "an integer >= 1")
+
+    def group_rank(self, group, shape):
+        side = pj.side_for(tuple(shape), group["proj_type"])
+        dim = shape[1] if side == pj.RIGHT else shape[0]
+        return max(1, min(dim, round(group["density"] * dim)))
+
+    # ------------------------------------------------------------------ shared pieces
+    def adam_part(self, group, state, grad) -> torch.Tensor:
+        beta1, beta2 = group["betas"]
+        if "exp_avg" not in state:
+            state["adam_step"] = 0
+            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg_sq"] = torch.zeros_like(grad)
+        state["adam_step"] += 1
+        adam_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2)
+        return torch_adam_update(state["exp_avg"], state["exp_avg_sq"], state["adam_step"], beta1, beta2,
+                                 group["eps"])
+
+    def state_free(self, group, rest: torch.Tensor) -> torch.Tensor | None:
+        rule = group["inactive_update_rule"]
+        if rule == "no":
+            return None
+        return torch.sign(rest) if rule == "sign_sgd" else rest
+
+    def dense_step(self, group, p, state):
+        """torch.optim.AdamW (decay before the update) for parameters outside FRUGAL groups."""
+        if group["weight_decay"] > 0.0:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        p.add_(self.adam_part(group, state, p.grad), alpha=-group["lr"])
+
+    def block_active(self, group, index: int, refresh: int) -> bool:
+        count = len(group["params"])
+        active = max(0, min(count, round(group["density"] * count)))
+        if group["block_order"] == "random":
+            gen = torch.Generator().manual_seed(derive_seed(group["seed"], refresh))
+            chosen = torch.randperm(count, generator=gen)[:active].tolist()
+        else:
+            start = (refresh * active) % count if count else 0
+            chosen = [(start + i) % count for i in range(active)]
+            if group["block_order"] == "descending":
+                chosen = [count - 1 - i for i in chosen]
+        return index in chosen
+
+    # ------------------------------------------------------------------ the step
+    def low_rank_step(self, group, p, state, index):
+        lr = group["lr"] * group["proj_params_lr_scale"]
+        if "step" not in state:
+            state["step"] = 0
+        refreshing = state["step"] % group["update_proj_gap"] == 0
+        if group["weight_decay"] > 0.0:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        if group["projector"] == "blocks":
+            refresh = state["step"] // group["update_proj_gap"]
+            active = self.block_active(group, index, refresh)
+            if refreshing and group["reset_statistics"] or not active:
+                for key in ("exp_avg", "exp_avg_sq", "adam_step"):
+                    state.pop(key, None)
+            if active:
+                p.add_(self.adam_part(group, state, p.grad), alpha=-lr)
+            else:
+                update = self.state_free(group, p.grad)
+                if update is not None:
+                    p.add_(update, alpha=-lr * group["inactive_lr_scale"])
+            state["step"] += 1
+            return
+        grad = pj.as_matrix(p.grad)
+        if refreshing or "side" not in state:
+            self.refresh_projector(group, p, state, grad, index)
+            if group["reset_statistics"]:
+                for key in ("exp_avg", "exp_avg_sq", "adam_step"):
+                    state.pop(key, None)
+        basis = self.basis_of(state, tuple(grad.shape), grad.dtype, grad.device)
+        low = pj.project(grad, basis, state["side"])
+        update = pj.project_back(self.adam_part(group, state, low), basis, state["side"])
+        p.add_(update.view_as(p), alpha=-lr)
+        rest = self.state_free(group, grad - pj.project_back(low, basis, state["side"]))
+        if rest is not None:
+            p.add_(rest.view_as(p), alpha=-lr * group["inactive_lr_scale"])
+        state["step"] += 1

@@ -1,0 +1,249 @@
+"""GaLore / Fira / FRUGAL: parity with the PyPI references, projectors, checkpoints, DDP, bad input."""
+
+import io
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from commlib.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW
+from commlib.optim import projectors as pj
+
+
+def reference_module(name):
+    """Import galore_torch / fira as oracles; galore_torch's package imports bitsandbytes (CUDA) for
+    its 8-bit class only, so a stand-in module is placed for that import."""
+    pytest.importorskip("transformers")
+    if name == "galore_torch" and "bitsandbytes" not in sys.modules:
+        bnb = types.ModuleType("bitsandbytes")
+        optim = types.ModuleType("bitsandbytes.optim")
+        optimizer = types.ModuleType("bitsandbytes.optim.optimizer")
+        optimizer.Optimizer2State = object
+        bnb.optim, optim.optimizer = optim, optimizer
+        sys.modules.update({"bitsandbytes": bnb, "bitsandbytes.optim": optim,
+                            "bitsandbytes.optim.optimizer": optimizer})
+    return pytest.importorskip(name)
+
+
+class Tiny(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        gen = torch.Generator().manual_seed(7)
+        self.a = nn.Linear(24, 40)   # tall weight 40 x 24 -> right projection
+        self.b = nn.Linear(40, 16)   # wide weight 16 x 40 -> left projection
+        self.conv = nn.Conv1d(4, 6, 3)  # 3-D weight
+        self.norm = nn.LayerNorm(16)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        self.to(dtype)
+
+    def forward(self, x):
+        h = self.norm(self.b(torch.tanh(self.a(x))))
+        c = self.conv(x[:, :12].reshape(x.shape[0], 4, 3)).sum(-1)
+        return h.sum(-1) + c.sum(-1)
+
+
+def batch(step, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 24, generator=gen).to(dtype), torch.randn(8, generator=gen).to(dtype)
+
+
+def groups(model, **options):
+    matrices = [p for n, p in model.named_parameters() if n in ("a.weight", "b.weight")]
+    others = [p for n, p in model.named_parameters() if n not in ("a.weight", "b.weight")]
+    return [{"params": others}, {"params": matrices, **options}]
+
+
+def train(model, opt, steps, start=0, dtype=torch.float32):
+    for step in range(start, start + steps):
+        x, y = batch(step, dtype)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+
+
+# ------------------------------------------------------------------------------------------------ parity
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
+def test_galore_equals_galore_torch_step_for_step(proj_type):
+    galore_torch = reference_module("galore_torch")
+    ours, theirs = Tiny(), Tiny()
+    opts = dict(rank=4, update_proj_gap=3, scale=0.25, proj_type=proj_type)
+    a = GaLoreAdamW(groups(ours, **opts), lr=1e-2, weight_decay=0.01)
+    b = galore_torch.GaLoreAdamW(groups(theirs, **opts), lr=1e-2, weight_decay=0.01, no_deprecation_warning=True)
+    for step in range(8):
+        train(ours, a, 1, start=step)
+        train(theirs, b, 1, start=step)
+        assert torch.equal(flat(ours), flat(theirs)), step
+
+
+@pytest.mark.parametrize("proj_type", ["std", "left", "right"])
+def test_fira_reference_convention_equals_fira_per_step(proj_type):
+    """Per step from the same weights (the limiter is discontinuous, so trajectories are compared
+    one step at a time, as the reference notes advise)."""
+    fira = reference_module("fira")
+    ours, theirs = Tiny(), Tiny()
+    a = FiraAdamW(groups(ours, rank=4, update_proj_gap=3, alpha=0.25, proj_type=proj_type, residual="reference"),
+                  lr=1e-2)
+    b = fira.FiraAdamW(groups(theirs, rank=4, update_proj_gap=3, alpha=0.25, proj_type=proj_type), lr=1e-2,
+                       no_deprecation_warning=True)
+    for step in range(8):
+        train(ours, a, 1, start=step)
+        train(theirs, b, 1, start=step)
+        assert (flat(ours) - flat(theirs)).abs().max() <= 1e-6, step
+        with torch.no_grad():  # resynchronise weights and the limiter's memory
+            for p, q in zip(ours.parameters(), theirs.parameters()):
+                p.copy_(q)
+            for p, q in zip(a.param_groups[1]["params"], b.param_groups[1]["params"]):
+                a.state[p]["scaling_grad"] = b.state[q]["scaling_grad"].clone()
+                a.state[p]["exp_avg"].copy_(b.state[q]["exp_avg"])
+                a.state[p]["exp_avg_sq"].copy_(b.state[q]["exp_avg_sq"])
+
+
+def test_fira_paper_residual_differs_from_the_reference_by_the_alpha_leak():
+    grad = torch.randn(40, 24, generator=torch.Generator().manual_seed(0))
+    basis = pj.svd_basis(grad, 4, pj.RIGHT)
+    low = pj.project(grad, basis, pj.RIGHT)
+    paper = grad - pj.project_back(low, basis, pj.RIGHT)
+    reference = grad - 0.25 * pj.project_back(low, basis, pj.RIGHT)
+    assert pj.project(paper, basis, pj.RIGHT).abs().max() < 1e-5  # the paper's residual is out of the subspace
+    torch.testing.assert_close(pj.project(reference, basis, pj.RIGHT), 0.75 * low)
+
+
+# ------------------------------------------------------------------------------------------------ projectors
+@pytest.mark.parametrize("shape,side", [((40, 24), pj.RIGHT), ((16, 40), pj.LEFT), ((30, 30), pj.RIGHT)])
+@pytest.mark.parametrize("kind", ["svd", "random", "dct"])
+def test_bases_are_orthonormal(shape, side, kind):
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    if kind == "svd":
+        basis = pj.svd_basis(grad, 5, side)
+    elif kind == "random":
+        basis = pj.random_basis(shape, 5, side, seed=3)
+    else:
+        basis = pj.dct_basis(pj.dct_indices(grad, 5, side), shape, side, torch.float32)
+    gram = basis @ basis.t() if side == pj.RIGHT else basis.t() @ basis
+    torch.testing.assert_close(gram, torch.eye(5), atol=1e-5, rtol=0)
+    assert basis.shape == ((5, shape[1]) if side == pj.RIGHT else (shape[0], 5))
+
+
+def test_random_basis_depends_only_on_the_seed():
+    a = pj.random_basis((40, 24), 4, pj.RIGHT, seed=11)
+    b = pj.random_basis((40, 24), 4, pj.RIGHT, seed=11)
+    c = pj.random_basis((40, 24), 4, pj.RIGHT, seed=12)
+    state = torch.get_rng_state()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is untouched
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 33])
+def test_fast_dct_equals_the_matrix(n):
+    x = torch.randn(5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    torch.testing.assert_close(pj.dct_rows(x), x @ pj.dct_matrix(n, torch.float64).t())
+    q = pj.dct_matrix(n, torch.float64)
+    torch.testing.assert_close(q @ q.t(), torch.eye(n, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape,side", [((40, 24), pj.RIGHT), ((16, 40), pj.LEFT)])
+def test_dct_column_choice_equals_brute_force(shape, side):
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    chosen = pj.dct_indices(grad, 6, side)
+    dim = shape[1] if side == pj.RIGHT else shape[0]
+    q = pj.dct_matrix(dim, torch.float64)
+    scores = []
+    for j in range(dim):  # alignment of basis vector j: the L1 norm of the gradient's coefficients on it
+        coeff = grad.double() @ q[j] if side == pj.RIGHT else q[j] @ grad.double()
+        scores.append(float(coeff.abs().sum()))
+    best = sorted(range(dim), key=lambda j: -scores[j])[:6]
+    assert chosen.tolist() == sorted(best) and chosen.dtype == torch.int64
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("options,match", [
+    ({"rank": 0}, "rank"), ({"rank": 25}, "rank"), ({"rank": 4, "projector": "qr"}, "projector"),
+    ({"rank": 4, "proj_type": "diag"}, "proj_type"), ({"rank": 4, "update_proj_gap": 0}, "update_proj_gap"),
+])
+def test_invalid_group_options_raise(options, match):
+    with pytest.raises(ValueError, match=match):
+        GaLoreAdamW(groups(Tiny(), **options))
+
+
+def test_invalid_hyper_parameters_raise():
+    with pytest.raises(ValueError, match="lr"):
+        GaLoreAdamW(Tiny().parameters(), lr=-1)
+    with pytest.raises(ValueError, match="residual"):
+        FiraAdamW(groups(Tiny(), rank=4, residual="both"))
+    with pytest.raises(ValueError, match="density"):
+        FrugalAdamW(groups(Tiny(), density=1.5))
+    with pytest.raises(ValueError, match="inactive_update_rule"):
+        FrugalAdamW(groups(Tiny(), density=0.5, inactive_update_rule="adam"))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+OPTIMIZERS = [
+    (GaLoreAdamW, {"rank": 4, "update_proj_gap": 3}),
+    (GaLoreAdamW, {"rank": 4, "update_proj_gap": 3, "projector": "random"}),
+    (GaLoreAdamW, {"rank": 4, "update_proj_gap": 3, "projector": "dct"}),
+    (FiraAdamW, {"rank": 4, "update_proj_gap": 3}),
+    (FiraAdamW, {"rank": 4, "update_proj_gap": 3, "projector": "dct"}),
+    (FrugalAdamW, {"density": 0.25, "update_proj_gap": 3}),
+    (FrugalAdamW, {"density": 0.25, "update_proj_gap": 3, "projector": "dct", "inactive_update_rule": "sgd"}),
+    (FrugalAdamW, {"density": 0.5, "update_proj_gap": 2, "projector": "blocks", "block_order": "descending"}),
+]
+IDS = [f"{cls.__name__}-{o.get('projector', 'svd')}" for cls, o in OPTIMIZERS]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls,options", OPTIMIZERS, ids=IDS)
+def test_resume_is_bit_identical_and_weights_only(cls, options, dtype):
+    full = Tiny(dtype)
+    opt = cls(groups(full, **options), lr=1e-2)
+    train(full, opt, 10, dtype=dtype)
+
+    part = Tiny(dtype)
+    opt = cls(groups(part, **options), lr=1e-2)
+    train(part, opt, 5, dtype=dtype)
+    buf_m, buf_o = io.BytesIO(), io.BytesIO()
+    torch.save(part.state_dict(), buf_m)
+    torch.save(opt.state_dict(), buf_o)
+    buf_m.seek(0)
+    buf_o.seek(0)
+    resumed = Tiny(dtype)
+    resumed.load_state_dict(torch.load(buf_m, weights_only=True))
+    opt2 = cls(groups(resumed, **options), lr=1e-2)
+    opt2.load_state_dict(torch.load(buf_o, weights_only=True))
+    for state in opt2.state.values():
+        if "dct_indices" in state:
+            assert state["dct_indices"].dtype == torch.int64  # not cast to the parameter dtype
+    train(resumed, opt2, 5, start=5, dtype=dtype)
+    assert torch.equal(flat(resumed), flat(full))
+    assert torch.isfinite(flat(full)).all()
+
+
+@pytest.mark.parametrize("cls,options", OPTIMIZERS, ids=IDS)
+def test_training_reduces_the_loss(cls, options):
+    model = Tiny()
+    opt = cls(groups(model, **options), lr=1e-2)
+    x, y = batch(0)
+    before = float(nn.functional.mse_loss(model(x), y).detach())
+    for _ in range(40):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    assert float(nn.functional.mse_loss(model(x), y)) < 0.5 * before
+
+
+def test_state_is_smaller_than_adamw():
+    model = nn.Sequential(nn.Linear(256, 256, bias=False), nn.Linear(256, 256, bias=False))
+    opt = GaLoreAdamW([{"params": list(model.parameters()), "rank": 64}])
+    model(torch.randn(4, 256)).sum().backward()
+    opt.step()
+    adamw = 2 * sum(p.numel() * 4 for p in model.parameters())
+    # moments r x n twice plus the r x n basis: 3 * 64 * 256 per matrix = 3/8 of AdamW's 2 * 256 * 256
+    assert opt.state_bytes() == 2 * (3 * 64 * 256 * 4)
+    assert opt.state_bytes() <= 0.45 * adamw
