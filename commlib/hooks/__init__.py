@@ -7,6 +7,7 @@ state (one class per method, one file each) holds the options, the buffers and t
 import torch
 import torch.distributed as dist
 
+from commlib.hooks.agvm import AGVMState, param_groups_by_module, propose_groups
 from commlib.hooks.allreduce import AllreduceState, CastState
 from commlib.hooks.ef import ErrorFeedbackState
 from commlib.hooks.ef21 import EF21State, EF21WState
@@ -45,6 +46,7 @@ _REGISTRY = {
     "ef21w": EF21WState,
     "powersgd": PowerSGDState,
     "lgreco": make_lgreco,
+    "agvm": AGVMState,
 }
 
 
@@ -72,7 +74,7 @@ def make(name: str, process_group=None, **options):
     return _REGISTRY[name](process_group, **options), commlib_hook
 
 
-__all__ = ["AllreduceState", "CastState", "EF21State", "EF21WState", "ErrorFeedbackState", "HookState", "LGreCoEFState", "LGreCoPowerSGDState",
+__all__ = ["AGVMState", "AllreduceState", "CastState", "EF21State", "EF21WState", "ErrorFeedbackState", "HookState", "LGreCoEFState", "LGreCoPowerSGDState",
            "PowerSGDState", "commlib_hook",
            "compressor_alpha", "ef21_stepsize", "ef21_stepsize_from_smoothness", "ef21_theta_beta",
-           "ef21w_stepsize", "ef21w_weights", "make", "names", "register"]
+           "ef21w_stepsize", "ef21w_weights", "make", "names", "param_groups_by_module", "propose_groups", "register"]
