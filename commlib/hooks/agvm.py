@@ -47,24 +47,45 @@ def propose_groups(model: nn.Module) -> dict[str, str]:
     return {name: name for name, child in model.named_children() if any(True for _ in child.parameters())}
 
 
-def assign_groups(model: nn.Module, groups: dict[str, str], strict: bool = True) -> dict[str, str]:
-    """Parameter name -> group name from ``{prefix: group}``; rejects overlapping prefixes and, when
-    ``strict``, parameters in no group."""
+def normalize_groups(groups) -> list[tuple[str, str]]:
+    """``[(prefix, group), ...]`` from either ``{prefix: group}`` or ``{group: [prefixes]}``
+    (DESIGN's form, prefixes like ``"backbone."``); prefixes are compared without a trailing dot."""
     if not isinstance(groups, dict) or not groups:
-        raise ValueError(f"groups must be a non-empty dict of parameter-name prefix -> group name, got {groups!r}")
-    prefixes = list(groups)
+        raise ValueError(f"groups must be a non-empty dict of parameter-name prefix -> group name (or group -> "
+                         f"list of prefixes), got {groups!r}")
+    pairs = []
+    for key, value in groups.items():
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError(f"groups[{key!r}] must list at least one prefix")
+            pairs.extend((str(prefix).rstrip("."), key) for prefix in value)
+        else:
+            pairs.append((str(key).rstrip("."), value))
+    return pairs
+
+
+def group_order(groups) -> list[str]:
+    """Group names in the order given; the first is AGVM's reference."""
+    return list(dict.fromkeys(group for _, group in normalize_groups(groups)))
+
+
+def assign_groups(model: nn.Module, groups, strict: bool = True) -> dict[str, str]:
+    """Parameter name -> group name; rejects overlapping prefixes and, when ``strict``, parameters in
+    no group."""
+    pairs = normalize_groups(groups)
+    prefixes = [p for p, _ in pairs]
     for a in prefixes:
         for b in prefixes:
-            if a != b and (b == a or b.startswith(a + ".") or a == ""):
+            if a is not b and (a == b or b.startswith(a + ".") or a == ""):
                 raise ValueError(f"groups has overlapping prefixes {a!r} and {b!r}")
     out = {}
     for name, _ in model.named_parameters():
         name = strip_ddp_prefix(name)
-        match = [p for p in prefixes if name == p or name.startswith(p + ".")]
+        match = [g for p, g in pairs if name == p or name.startswith(p + ".")]
         if match:
-            out[name] = groups[match[0]]
+            out[name] = match[0]
         elif strict:
-            raise ValueError(f"parameter {name!r} is in no group (strict=True); groups: {prefixes}")
+            raise ValueError(f"parameter {name!r} is in no group (strict=True); prefixes: {prefixes}")
     return out
 
 
@@ -106,7 +127,7 @@ class AGVMState:
 
     name = "agvm"
 
-    def __init__(self, process_group=None, *, model: nn.Module, groups: dict[str, str] | None = None,
+    def __init__(self, process_group=None, *, model: nn.Module, groups: dict | None = None,
                  inner: str = "allreduce", inner_options: dict | None = None, tau: int = 10,
                  momentum: float = 0.97, start_iter: int = 2, estimator: str = "halves", strict: bool = True,
                  use_adam: bool = False, optimizer=None, timeout: float | None = None):
@@ -126,7 +147,7 @@ class AGVMState:
             raise ValueError("inner must be another hook than agvm")
         groups = groups if groups is not None else propose_groups(model)
         self.group_of = assign_groups(model, groups, strict)
-        self.group_names = list(dict.fromkeys(groups.values()))
+        self.group_names = group_order(groups)
         self._param_names = {id(p): strip_ddp_prefix(n) for n, p in model.named_parameters()}
         options = dict(inner_options or {})
         options.setdefault("model", model)
@@ -316,8 +337,7 @@ def agvm_hook(state: AGVMState, bucket: dist.GradBucket) -> torch.futures.Future
 def param_groups_by_module(model: nn.Module, groups: dict[str, str], strict: bool = True, **options) -> list[dict]:
     """Optimizer param groups, one per module group (plus one for unassigned parameters when not strict)."""
     assignment = assign_groups(model, groups, strict)
-    names = list(dict.fromkeys(groups.values()))
-    buckets: dict = {name: [] for name in names}
+    buckets: dict = {name: [] for name in group_order(groups)}
     rest = []
     for name, p in model.named_parameters():
         group = assignment.get(strip_ddp_prefix(name))

@@ -89,9 +89,20 @@ class LowRankAdamW(Optimizer):
 
     method = "galore"
     group_defaults: dict = {}
+    group_key = "rank"
+    aliases: dict = {}
+    alias_values: dict = {}
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
-                 correct_bias: bool = True):
+                 correct_bias: bool = True, **group_options):
+        unknown = set(group_options) - set(self.group_defaults) - {self.group_key} - set(self.aliases)
+        if unknown:
+            raise ValueError(f"unknown options {sorted(unknown)}; low-rank group options are "
+                             f"{sorted(set(self.group_defaults) | {self.group_key})}")
+        # Keyword options are the defaults of the low-rank groups; giving the group key here (rank or
+        # density) makes every group low-rank unless it sets that key to None.
+        self.constructor_options = {self.aliases.get(k, k): self.alias_values.get(v, v) if isinstance(v, str) else v
+                                    for k, v in group_options.items()}
         _require("lr", lr, isinstance(lr, (int, float)) and lr >= 0, "a number >= 0")
         _require("betas", betas, len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)")
         _require("eps", eps, isinstance(eps, (int, float)) and eps >= 0, "a number >= 0")
@@ -103,13 +114,18 @@ class LowRankAdamW(Optimizer):
 
     # ------------------------------------------------------------------ groups
     def is_low_rank_group(self, group: dict) -> bool:
-        return "rank" in group
+        return group.get(self.group_key) is not None
 
     def add_param_group(self, param_group: dict) -> None:
+        param_group = {self.aliases.get(k, k): self.alias_values.get(v, v) if isinstance(v, str) else v
+                       for k, v in param_group.items()}
+        options = getattr(self, "constructor_options", {})
+        if self.group_key in options and self.group_key not in param_group:
+            param_group[self.group_key] = options[self.group_key]
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if self.is_low_rank_group(group):
-            for key, value in self.group_defaults.items():
+            for key, value in {**self.group_defaults, **options}.items():
                 group.setdefault(key, value)
             self.validate_group(group)
 
@@ -271,6 +287,7 @@ class FiraAdamW(LowRankAdamW):
     """
 
     method = "fira"
+    aliases = {"scale": "alpha"}
     group_defaults = {"update_proj_gap": 200, "alpha": 0.25, "proj_type": "std", "projector": "svd", "seed": 0,
                       "residual": "paper"}
 
@@ -331,15 +348,17 @@ class FrugalAdamW(LowRankAdamW):
     """
 
     method = "frugal"
+    group_key = "density"
+    aliases = {"state_free": "inactive_update_rule", "update_gap": "update_proj_gap"}
+    alias_values = {"signsgd": "sign_sgd", "none": "no"}
     group_defaults = {"density": 0.25, "update_proj_gap": 200, "proj_type": "std", "projector": "svd", "seed": 0,
                       "inactive_update_rule": "sign_sgd", "inactive_lr_scale": 1.0, "proj_params_lr_scale": 1.0,
                       "reset_statistics": True, "block_order": "random"}
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=True)
-
-    def is_low_rank_group(self, group):
-        return "density" in group
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 **group_options):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=True,
+                         **group_options)
 
     def validate_group(self, group):
         rho = group["density"]

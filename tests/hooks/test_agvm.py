@@ -202,3 +202,16 @@ def test_modulation_math():
     assert modulation(1.0, 0.0) == pytest.approx(math.sqrt(10))  # clamped
     assert modulation(0.0, 1.0) == pytest.approx(math.sqrt(0.5))
     assert halves_phi(1.0, 1.0, 1.0) == 0.0 and halves_phi(-2.0, 1.0, 4.0) == 2.0
+
+
+def test_design_group_format_is_accepted():
+    model = Detector()
+    listed = {"backbone": ["backbone."], "neck": ["neck."], "heads": ["head_a.", "head_b"]}
+    from commlib.hooks.agvm import assign_groups, group_order
+
+    assignment = assign_groups(model, listed)
+    assert group_order(listed) == ["backbone", "neck", "heads"]
+    assert assignment["head_a.weight"] == "heads" and assignment["head_b.bias"] == "heads"
+    assert assignment["backbone.0.weight"] == "backbone"
+    with pytest.raises(ValueError, match="overlapping"):
+        assign_groups(model, {"a": ["backbone."], "b": ["backbone.0"], "c": ["neck", "head_a", "head_b"]})

@@ -247,3 +247,23 @@ def test_state_is_smaller_than_adamw():
     # moments r x n twice plus the r x n basis: 3 * 64 * 256 per matrix = 3/8 of AdamW's 2 * 256 * 256
     assert opt.state_bytes() == 2 * (3 * 64 * 256 * 4)
     assert opt.state_bytes() <= 0.45 * adamw
+
+
+def test_constructor_options_are_group_defaults():
+    """DESIGN's form: GaLoreAdamW(params, lr=..., rank=..., projector=...) projects every matrix."""
+    model = Tiny()
+    opt = GaLoreAdamW(model.parameters(), lr=1e-2, rank=4, update_proj_gap=5, scale=0.5, projector="dct")
+    assert opt.param_groups[0]["rank"] == 4 and opt.param_groups[0]["projector"] == "dct"
+    train(model, opt, 2)
+    assert "dct_indices" in opt.state[model.a.weight] and "dct_indices" not in opt.state[model.a.bias]
+    twin = Tiny()
+    explicit = GaLoreAdamW([{"params": list(twin.parameters()), "rank": 4, "update_proj_gap": 5, "scale": 0.5,
+                             "projector": "dct"}], lr=1e-2)
+    train(twin, explicit, 2)
+    assert torch.equal(flat(model), flat(twin))
+    frugal = FrugalAdamW(groups(Tiny(), density=None), lr=1e-3, density=0.25, state_free="signsgd")
+    assert frugal.param_groups[0]["inactive_update_rule"] == "sign_sgd"  # the group without density: defaults
+    assert frugal.param_groups[1]["density"] is None  # density=None opts a group out
+    assert FiraAdamW(Tiny().parameters(), rank=4, scale=0.5).param_groups[0]["alpha"] == 0.5
+    with pytest.raises(ValueError, match="unknown options"):
+        GaLoreAdamW(Tiny().parameters(), rank=4, projecter="svd")
