@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from commlib.hooks.agvm import AGVMState, param_groups_by_module, propose_groups
 from commlib.hooks.allreduce import AllreduceState, CastState
+from commlib.hooks.dp_ef import DPErrorFeedbackState
 from commlib.hooks.ef import ErrorFeedbackState
 from commlib.hooks.ef21 import EF21State, EF21WState
 from commlib.hooks.ef21_theory import (
@@ -47,6 +48,7 @@ _REGISTRY = {
     "powersgd": PowerSGDState,
     "lgreco": make_lgreco,
     "agvm": AGVMState,
+    "dp_ef": DPErrorFeedbackState,
 }
 
 
@@ -74,7 +76,7 @@ def make(name: str, process_group=None, **options):
     return _REGISTRY[name](process_group, **options), commlib_hook
 
 
-__all__ = ["AGVMState", "AllreduceState", "CastState", "EF21State", "EF21WState", "ErrorFeedbackState", "HookState", "LGreCoEFState", "LGreCoPowerSGDState",
+__all__ = ["AGVMState", "AllreduceState", "CastState", "DPErrorFeedbackState", "EF21State", "EF21WState", "ErrorFeedbackState", "HookState", "LGreCoEFState", "LGreCoPowerSGDState",
            "PowerSGDState", "commlib_hook",
            "compressor_alpha", "ef21_stepsize", "ef21_stepsize_from_smoothness", "ef21_theta_beta",
            "ef21w_stepsize", "ef21w_weights", "make", "names", "param_groups_by_module", "propose_groups", "register"]

@@ -260,22 +260,38 @@ class EmulatedCluster:
         return _collect(procs, timeout)
 
 
-def _collect(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    deadline = time.monotonic() + timeout
+def _collect(procs: list[subprocess.Popen], timeout: float, grace: float = 20.0) -> list[str]:
+    """Wait for every node; if one fails, give the others ``grace`` seconds, then kill them (a node whose
+    peer died would otherwise wait in torchrun's rendezvous or exit barrier for minutes)."""
+    import threading
+
     outputs: list = [None] * len(procs)
     errors: list = [None] * len(procs)
+
+    def read(i: int) -> None:
+        outputs[i], errors[i] = procs[i].communicate()
+
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(len(procs))]
+    for t in readers:
+        t.start()
+    deadline = time.monotonic() + timeout
+    failed_at = None
     try:
-        for i, p in enumerate(procs):
-            left = max(0.1, deadline - time.monotonic())
-            outputs[i], errors[i] = p.communicate(timeout=left)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        raise TimeoutError(f"cluster job did not finish within {timeout:.0f} s") from None
+        while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(f"cluster job did not finish within {timeout:.0f} s")
+            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+                failed_at = now
+            if failed_at is not None and now - failed_at > grace:
+                break
+            time.sleep(0.1)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        for t in readers:
+            t.join(timeout=10)
     for i, p in enumerate(procs):
         if p.returncode != 0:
             raise RuntimeError(f"node {i} exited with {p.returncode}:\n{(errors[i] or '')[-4000:]}")

@@ -1,0 +1,47 @@
+"""``dp_ef``: the DDP hook for DiceSGD (:mod:`commlib.privacy`), which does its own aggregation."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class DPErrorFeedbackState:
+    r"""Leaves each bucket's local gradient as it is: no collective.
+
+    With DP training the optimizer, not DDP, must aggregate: :class:`commlib.privacy.DiceSGD` sums the
+    per-sample-clipped gradients and the raw gradients of the global batch in one all-reduce of its
+    own, then adds the noise once. DDP's mean of ``p.grad`` would be a wasted all-reduce of a tensor
+    the optimizer overwrites. So, to keep DDP (for its parameter broadcast and module wrapping)::
+
+        model = GradSampleModule(net)
+        ddp = DistributedDataParallel(model)
+        state, hook = hooks.make("dp_ef")
+        ddp.register_comm_hook(state, hook)
+        opt = privacy.DiceSGD(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=...,
+                              max_grad_norm=C1, error_max_grad_norm=C2, expected_batch_size=global_batch)
+
+    Without DDP, wrap nothing: DiceSGD(process_group=...) is all a data-parallel run needs (broadcast
+    the initial parameters once).
+    """
+
+    name = "dp_ef"
+
+    def __init__(self, process_group=None):
+        self.step = 0
+
+    def run(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        if bucket.is_last():
+            self.step += 1
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+
+    def stats(self) -> dict:
+        return {"method": self.name, "step": self.step, "bytes_sent": 0}
+
+    def state_dict(self) -> dict:
+        return {"method": self.name, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])

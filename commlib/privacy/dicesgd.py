@@ -1,0 +1,189 @@
+"""DiceSGD: differentially private SGD with clipping-error feedback (Zhang, Bu, Wu, Hong; ICLR 2024).
+
+In sum units (the units of Opacus' ``summed_grad``), per step over the (global) batch::
+
+    S_clip = sum_i clip(g_i, C1)        (per-sample clipping by the norm over all parameters)
+    S_raw  = sum_i g_i
+    V      = S_clip + clip(E, C2)       (E clipped by its norm over all parameters)
+    E     <- E + S_raw - V              (hidden, never released)
+    update = (V + N(0, (sigma C1 kappa)^2)) / expected_batch_size,   kappa = sqrt(1 + 2 C2 / C1)
+
+``kappa`` is the noise inflation of the authors' code (``PrivacyEngine_Dice``: std = sigma C1
+sqrt(1 + 2 C2/C1)); ``sigma`` is the base noise multiplier of a standard subsampled Gaussian (from
+Opacus' ``get_noise_multiplier``) and is what the accountant records, so the reported epsilon is
+Opacus' epsilon for (sigma, q, steps), with the paper's analysis supplying the mapping to the
+inflated noise. The theory needs C2 >= C1.
+
+Distributed: with ``process_group`` (default: the world when torch.distributed is initialized), each
+rank computes its local S_clip and S_raw, one all-reduce (through commlib's communication layer) sums
+them, every rank updates the same E, and the noise comes from a generator seeded identically on all
+ranks (rank 0's seed is broadcast once), so it is drawn once for the global batch, not once per rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from commlib.comm.queue import Comm
+
+
+def global_clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Opacus' convention: ``min(1, C / (norm + 1e-6))``."""
+    return (max_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
+def clip_global(tensors: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
+    """``clip(E, C)`` for E spread over several tensors: one factor from the norm over all of them."""
+    norm = torch.stack([t.reshape(-1).norm(2) for t in tensors]).norm(2) if tensors else torch.zeros(())
+    factor = float(global_clip_factors(norm, max_norm))
+    return [t * factor for t in tensors]
+
+
+def dice_update(clipped_sum: list[torch.Tensor], raw_sum: list[torch.Tensor], error: list[torch.Tensor],
+                error_max_norm: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One DiceSGD step in sum units (Alg. 2): returns ``(V, E')`` with ``V = S_clip + clip(E, C2)``,
+    ``E' = E + S_raw - V``."""
+    fed_back = clip_global(error, error_max_norm)
+    v = [c + f for c, f in zip(clipped_sum, fed_back)]
+    new_error = [e + r - vv for e, r, vv in zip(error, raw_sum, v)]
+    return v, new_error
+
+
+def noise_inflation(max_grad_norm: float, error_max_grad_norm: float) -> float:
+    """``kappa = sqrt(1 + 2 C2 / C1)`` (the authors' code)."""
+    return math.sqrt(1.0 + 2.0 * error_max_grad_norm / max_grad_norm)
+
+
+def check_dice_arguments(noise_multiplier, max_grad_norm, error_max_grad_norm, expected_batch_size) -> None:
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not number(max_grad_norm) or max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm (C1) must be a number > 0, got {max_grad_norm!r}")
+    if not number(error_max_grad_norm) or error_max_grad_norm < max_grad_norm:
+        raise ValueError(f"error_max_grad_norm (C2) must be a number >= max_grad_norm ({max_grad_norm}) as the "
+                         f"theory requires, got {error_max_grad_norm!r}")
+    if not number(noise_multiplier) or noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be a number >= 0, got {noise_multiplier!r}")
+    if expected_batch_size is not None and (not number(expected_batch_size) or expected_batch_size <= 0):
+        raise ValueError(f"expected_batch_size must be a number > 0, got {expected_batch_size!r}")
+
+
+class DiceSGD(DPOptimizer):
+    r"""An Opacus ``DPOptimizer`` that feeds the clipping error back (DiceSGD, Alg. 2), in sum units.
+
+    Arguments are Opacus' plus ``error_max_grad_norm`` (C2 >= C1 = ``max_grad_norm``),
+    ``process_group`` (ranks whose batches form the global batch; default the world when
+    torch.distributed is initialized, ``False`` for none) and ``noise_seed`` (the noise generator's
+    seed, equal on every rank; default rank 0's random choice, broadcast once).
+    ``expected_batch_size`` is the *global* expected batch size.
+
+    Example::
+
+        >>> import torch
+        >>> from opacus import GradSampleModule
+        >>> from commlib.privacy import DiceSGD
+        >>> model = GradSampleModule(torch.nn.Linear(4, 1))
+        >>> opt = DiceSGD(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+        ...               error_max_grad_norm=1.0, expected_batch_size=8, process_group=False, noise_seed=0)
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()
+    """
+
+    def __init__(self, optimizer, *, noise_multiplier: float, max_grad_norm: float, error_max_grad_norm: float,
+                 expected_batch_size: int | None, loss_reduction: str = "mean", generator=None,
+                 secure_mode: bool = False, process_group=None, noise_seed: int | None = None, **kwargs):
+        check_dice_arguments(noise_multiplier, max_grad_norm, error_max_grad_norm, expected_batch_size)
+        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
+                         generator=generator, secure_mode=secure_mode, **kwargs)
+        self.error_max_grad_norm = float(error_max_grad_norm)
+        self.kappa = noise_inflation(max_grad_norm, error_max_grad_norm)
+        self.comm = None
+        if process_group is not False and dist.is_available() and dist.is_initialized():
+            group = process_group if process_group is not None else dist.group.WORLD
+            if dist.get_world_size(group) > 1:
+                ranks = dist.get_process_group_ranks(group)
+                self.comm = Comm(dist.new_group(ranks=ranks, backend=dist.get_backend(group)))
+        if generator is None and not secure_mode:
+            if noise_seed is None:
+                seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+                if self.comm is not None:
+                    self.comm.broadcast(seed, src=0)
+                noise_seed = int(seed)
+            self.generator = torch.Generator().manual_seed(noise_seed)
+        self.error = [torch.zeros_like(p) for p in self.params]  # E, identical on every rank
+        self.dice_steps = 0
+
+    # ------------------------------------------------------------------ the step
+    def clip_and_accumulate(self):
+        """S_clip (into ``p.summed_grad``, as Opacus) and S_raw (into ``p.summed_raw``) in one pass."""
+        samples = self.grad_samples
+        if len(samples[0]) == 0:
+            factors = torch.zeros((0,), device=samples[0].device)
+        else:
+            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+            factors = global_clip_factors(norms, self.max_grad_norm)
+        for p, grad_sample in zip(self.params, samples):
+            _check_processed_flag(p.grad_sample)
+            grad_sample = grad_sample.to(p.dtype)
+            clipped = torch.einsum("i,i...", factors.to(p.dtype), grad_sample)
+            raw = grad_sample.sum(0)
+            p.summed_grad = clipped if p.summed_grad is None else p.summed_grad + clipped
+            previous = getattr(p, "summed_raw", None)
+            p.summed_raw = raw if previous is None else previous + raw
+            _mark_as_processed(p.grad_sample)
+
+    def add_noise(self):
+        clipped = [p.summed_grad for p in self.params]
+        raw = [p.summed_raw for p in self.params]
+        if self.comm is not None:  # one all-reduce of both sums: the global batch's S_clip and S_raw
+            flat = torch.cat([t.reshape(-1) for t in clipped + raw])
+            self.comm.all_reduce(flat)
+            pieces = flat.split([t.numel() for t in clipped + raw])
+            clipped = [x.view_as(t) for x, t in zip(pieces[: len(clipped)], clipped)]
+            raw = [x.view_as(t) for x, t in zip(pieces[len(clipped):], raw)]
+        v, new_error = dice_update(clipped, raw, self.error, self.error_max_grad_norm)
+        if all(bool(torch.isfinite(e).all()) for e in new_error):
+            self.error = new_error
+        std = self.noise_multiplier * self.max_grad_norm * self.kappa
+        for p, value in zip(self.params, v):
+            noise = torch.normal(0.0, std, value.shape, generator=self.generator, device=value.device,
+                                 dtype=value.dtype) if std > 0 else torch.zeros_like(value)
+            p.grad = (value + noise).view_as(p)
+            p.summed_grad = None
+            p.summed_raw = None
+        self.dice_steps += 1
+
+    def zero_grad(self, set_to_none: bool = False):
+        for p in self.params:
+            p.summed_raw = None
+        super().zero_grad(set_to_none)
+
+    # ------------------------------------------------------------------ checkpoints
+    def dice_state_dict(self) -> dict:
+        """E, the step count and the noise generator's state (tensors and ints)."""
+        return {"error": [e.clone() for e in self.error], "dice_steps": self.dice_steps,
+                "generator": self.generator.get_state() if self.generator is not None else None}
+
+    def load_dice_state_dict(self, state: dict) -> None:
+        self.error = [e.clone() for e in state["error"]]
+        self.dice_steps = int(state["dice_steps"])
+        if state["generator"] is not None:
+            self.generator.set_state(state["generator"])
+
+    def state_dict(self):
+        out = dict(super().state_dict())
+        out["dice"] = self.dice_state_dict()
+        return out
+
+    def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        dice = state_dict.pop("dice", None)
+        super().load_state_dict(state_dict)
+        if dice is not None:
+            self.load_dice_state_dict(dice)

@@ -1,0 +1,190 @@
+"""DiceSGD: the equations against NumPy, distributed = single process on the global batch, accounting, resume."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import WorkerError, run_world
+
+opacus = pytest.importorskip("opacus", reason="opacus not installed (pip install -e .[privacy])")
+from opacus import GradSampleModule  # noqa: E402
+from opacus.accountants import RDPAccountant  # noqa: E402
+
+from commlib.privacy import DicePrivacyEngine, DiceSGD, noise_inflation  # noqa: E402
+
+D, B, LR = 5, 12, 0.3
+
+
+def data(step, rows=B):
+    gen = torch.Generator().manual_seed(500 + step)
+    x = torch.randn(rows, D, generator=gen, dtype=torch.float64)
+    y = x @ torch.arange(1.0, D + 1, dtype=torch.float64) + 3.0 + (torch.rand(rows, generator=gen, dtype=torch.float64) < 0.2) * 20
+    return x, y
+
+
+def make(noise, c1=1.0, c2=2.0, process_group=False, seed=7):
+    torch.manual_seed(0)
+    model = GradSampleModule(torch.nn.Linear(D, 1).double())
+    with torch.no_grad():
+        model._module.weight.zero_()
+        model._module.bias.zero_()
+    opt = DiceSGD(torch.optim.SGD(model.parameters(), lr=LR), noise_multiplier=noise, max_grad_norm=c1,
+                  error_max_grad_norm=c2, expected_batch_size=B, process_group=process_group, noise_seed=seed)
+    return model, opt
+
+
+def step(model, opt, x, y):
+    opt.zero_grad()
+    ((model(x).squeeze(1) - y) ** 2).mean().backward()
+    opt.step()
+
+
+def numpy_reference(steps, noise, c1=1.0, c2=2.0, seed=7):
+    """The equations of DiceSGD in sum units, per-sample gradients of the squared error in closed form."""
+    w, b = np.zeros(D), 0.0
+    e_w, e_b = np.zeros(D), 0.0
+    gen = torch.Generator().manual_seed(seed)
+    std = noise * c1 * np.sqrt(1 + 2 * c2 / c1)
+    for t in range(steps):
+        x, y = (a.numpy() for a in data(t))
+        r = x @ w + b - y
+        g_w, g_b = 2 * r[:, None] * x, 2 * r  # per-sample gradients of (x w + b - y)^2
+        norms = np.sqrt((g_w**2).sum(1) + g_b**2)
+        f = np.minimum(c1 / (norms + 1e-6), 1.0)
+        s_clip_w, s_clip_b = (f[:, None] * g_w).sum(0), (f * g_b).sum()
+        s_raw_w, s_raw_b = g_w.sum(0), g_b.sum()
+        e_norm = np.sqrt((e_w**2).sum() + e_b**2)
+        fe = min(c2 / (e_norm + 1e-6), 1.0)
+        v_w, v_b = s_clip_w + fe * e_w, s_clip_b + fe * e_b
+        e_w, e_b = e_w + s_raw_w - v_w, e_b + s_raw_b - v_b
+        if std > 0:  # same draws, same order as the optimizer (weight, then bias)
+            n_w = torch.normal(0.0, std, (1, D), generator=gen, dtype=torch.float64).numpy()[0]
+            n_b = torch.normal(0.0, std, (1,), generator=gen, dtype=torch.float64).numpy()[0]
+        else:
+            n_w, n_b = 0.0, 0.0
+        w = w - LR * (v_w + n_w) / B
+        b = b - LR * (v_b + n_b) / B
+    return w, b, e_w, e_b
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.3])
+def test_single_process_matches_numpy(noise):
+    model, opt = make(noise)
+    for t in range(25):
+        step(model, opt, *data(t))
+    w, b, e_w, e_b = numpy_reference(25, noise)
+    np.testing.assert_allclose(model._module.weight.detach().numpy()[0], w, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(model._module.bias.detach().numpy()[0], b, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(opt.error[0].numpy()[0], e_w, rtol=1e-9, atol=1e-9)
+    assert np.linalg.norm(e_w) > 1.0  # the clipping error really is fed back
+
+
+def _distributed(rank, world_size, steps, noise, seed=None):
+    model, opt = make(noise, process_group=None, seed=seed)  # None: rank 0's seed, broadcast
+    for t in range(steps):
+        x, y = data(t)
+        half = B // world_size
+        step(model, opt, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
+    dist.barrier()
+    return {"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+            "error": torch.cat([e.reshape(-1) for e in opt.error]), "seed": opt.generator.initial_seed()}
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.3])
+def test_two_ranks_equal_one_process_on_the_global_batch(noise):
+    out = run_world(_distributed, 2, kwargs=dict(steps=20, noise=noise))
+    assert torch.equal(out[0]["params"], out[1]["params"]) and torch.equal(out[0]["error"], out[1]["error"])
+    model, opt = make(noise, seed=out[0]["seed"])
+    for t in range(20):
+        step(model, opt, *data(t))
+    single = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(out[0]["params"], single, rtol=1e-10, atol=1e-10)
+
+
+def test_epsilon_equals_opacus_accountant_and_engine_wiring():
+    x, y = data(0, rows=200)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=20)
+    model = torch.nn.Linear(D, 1).double()
+    engine = DicePrivacyEngine(accountant="rdp")
+    module, optimizer, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        target_epsilon=4.0, target_delta=1e-5, epochs=2, max_grad_norm=1.0, error_max_grad_norm=3.0)
+    assert isinstance(optimizer, DiceSGD) and optimizer.kappa == pytest.approx(noise_inflation(1.0, 3.0))
+    steps = 0
+    for xb, yb in loader:
+        optimizer.zero_grad()
+        ((module(xb).squeeze(1) - yb) ** 2).mean().backward()
+        optimizer.step()
+        steps += 1
+    reference = RDPAccountant()
+    for _ in range(steps):
+        reference.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=1 / len(loader))
+    assert engine.get_epsilon(1e-5) == reference.get_epsilon(1e-5)
+    assert engine.get_epsilon(1e-5) <= 4.0 + 0.05  # the budget make_private_with_epsilon aimed at
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"max_grad_norm": 0.0}, "max_grad_norm"), ({"max_grad_norm": 2.0, "error_max_grad_norm": 1.0}, "error_max_grad_norm"),
+    ({"noise_multiplier": -1.0}, "noise_multiplier"),
+])
+def test_invalid_settings_raise(kwargs, match):
+    args = dict(noise_multiplier=1.0, max_grad_norm=1.0, error_max_grad_norm=1.0, expected_batch_size=4,
+                process_group=False) | kwargs
+    with pytest.raises(ValueError, match=match):
+        DiceSGD(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1), **args)
+
+
+def test_delta_must_be_below_one():
+    engine = DicePrivacyEngine(accountant="rdp")
+    with pytest.raises(ValueError, match="delta"):
+        engine.get_epsilon(1.0)
+
+
+def test_resume_is_bit_identical():
+    model, opt = make(1.1)
+    for t in range(10):
+        step(model, opt, *data(t))
+    full = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    part, opt_a = make(1.1)
+    for t in range(5):
+        step(part, opt_a, *data(t))
+    buf = io.BytesIO()
+    torch.save({"model": part.state_dict(), "opt": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed, opt_b = make(1.1, seed=99)  # a different seed: the saved generator state must win
+    resumed.load_state_dict(saved["model"])
+    opt_b.load_state_dict(saved["opt"])
+    for t in range(5, 10):
+        step(resumed, opt_b, *data(t))
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in resumed.parameters()]), full)
+
+
+def _ddp_dp_ef(rank, world_size, steps):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from commlib import hooks
+
+    model, opt = make(1.3, process_group=None, seed=11)
+    ddp = DDP(model)
+    state, hook = hooks.make("dp_ef")
+    ddp.register_comm_hook(state, hook)
+    for t in range(steps):
+        x, y = data(t)
+        half = B // world_size
+        opt.zero_grad()
+        ((ddp(x[rank * half:(rank + 1) * half]).squeeze(1) - y[rank * half:(rank + 1) * half]) ** 2).mean().backward()
+        opt.step()
+    dist.barrier()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_inside_ddp_with_the_dp_ef_hook():
+    """DDP + dp_ef (no DDP all-reduce) + DiceSGD = DiceSGD's own distributed run, bit for bit."""
+    inside = run_world(_ddp_dp_ef, 2, kwargs=dict(steps=10))
+    outside = run_world(_distributed, 2, kwargs=dict(steps=10, noise=1.3, seed=11))
+    assert torch.equal(inside[0], inside[1])
+    assert torch.equal(inside[0], outside[0]["params"])
