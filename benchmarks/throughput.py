@@ -35,6 +35,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 # (method line in the plot, hook, extra workload arguments)
 QUICK = [
     ("dense allreduce", "none", []),
+    # the compute-only ceiling: DDP with a hook that sends nothing (parameters drift apart; timing only)
+    ("no communication (ceiling)", "dp_ef", []),
     ("torch fp16", "torch_fp16", []),
     ("torch PowerSGD", "torch_powersgd", ["--option", "rank=4"]),
     ("commlib fp16", "fp16", []),
@@ -44,7 +46,7 @@ QUICK = [
     ("commlib EF QSGD", "ef", ["--compressor", "QSGD(bits=4)", "--option", "collective=two_phase"]),
     ("commlib EF sign", "ef", ["--compressor", "Sign()", "--option", "collective=two_phase"]),
     ("commlib L-GreCo", "lgreco", ["--option", "family=powersgd", "--option", "rank=4",
-                                   "--option", "retune_every=20", "--option", "accumulate_steps=5"]),
+                                   "--option", "retune_every=100", "--option", "accumulate_steps=2"]),
 ]
 FULL_EXTRA = [
     ("torch PowerSGD", "torch_powersgd", ["--option", "rank=4", "--bucket-cap-mb", "4096"]),
@@ -60,6 +62,8 @@ MODELS = {
     "gpt2": ["--model", "gpt2", "--dim", "512", "--layers", "2", "--heads", "8", "--context", "16", "--batch", "4"],
     "gpt2-large": ["--model", "gpt2", "--dim", "768", "--layers", "2", "--heads", "12", "--context", "16",
                    "--batch", "4"],
+    "gpt2-xl": ["--model", "gpt2", "--dim", "1024", "--layers", "2", "--heads", "16", "--context", "16",
+                "--batch", "4"],
     "resnet": ["--model", "resnet", "--dim", "64", "--batch", "16"],
 }
 
@@ -81,12 +85,13 @@ def run_one(cluster, model_args, hook, extra, steps, warmup, port) -> dict:
     args = ["-m", "commlib.workloads", *model_args, "--hook", hook, *extra, "--steps", str(steps),
             "--warmup", str(warmup), "--timeout", "120"]
     try:
-        outputs = cluster.torchrun(args, port=port, timeout=900)
+        outputs = cluster.torchrun(args, port=port, timeout=600)
     except RuntimeError as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        raised = [ln for ln in lines if ("Error:" in ln or "Exception:" in ln) and not ln.startswith("File ")]
-        reason = raised[0] if raised else (lines[-1] if lines else "failed")
-        return {"crashed": True, "reason": reason.strip()[:300]}
+        raised = [ln for ln in lines if ("Error:" in ln or "Exception:" in ln or "error:" in ln)
+                  and not ln.startswith("File ") and "ChildFailedError" not in ln and "elastic" not in ln]
+        reason = raised[-1] if raised else (lines[-1] if lines else "failed")
+        return {"crashed": True, "reason": reason.strip()[:300], "stderr_tail": "\n".join(lines[-60:])}
     for line in outputs[0].splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -154,7 +159,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="the headline sweep: more settings, both models")
-    parser.add_argument("--only", help="run only methods whose name contains this")
+    parser.add_argument("--only", help="comma list: run only configurations whose method or setting contains one")
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
     args = parser.parse_args()
     models = (args.models or ("gpt2-large,resnet" if args.full else "gpt2")).split(",")
@@ -162,7 +167,8 @@ def main() -> None:
     warmup = args.warmup or (10 if args.full else 6)
     configs = QUICK + (FULL_EXTRA if args.full else [])
     if args.only:
-        configs = [c for c in configs if args.only.lower() in c[0].lower()]
+        wanted = [w.strip().lower() for w in args.only.split(",")]
+        configs = [c for c in configs if any(w in f"{c[0]} {setting_label(c[1], c[2])}".lower() for w in wanted)]
     jobs = [(m, c) for m in models for c in configs]
 
     signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -27,8 +27,8 @@ class DPErrorFeedbackState:
 
     name = "dp_ef"
 
-    def __init__(self, process_group=None):
-        self.step = 0
+    def __init__(self, process_group=None, *, model=None):
+        self.step = 0  # ``model`` is accepted (and unused) so every hook takes the same common options
 
     def run(self, bucket: dist.GradBucket) -> torch.futures.Future:
         if bucket.is_last():
@@ -38,7 +38,8 @@ class DPErrorFeedbackState:
         return fut
 
     def stats(self) -> dict:
-        return {"method": self.name, "step": self.step, "bytes_sent": 0}
+        return {"method": self.name, "step": self.step, "bytes_sent": 0, "bytes_dense": 0, "total_bytes_sent": 0,
+                "total_bytes_dense": 0, "skipped_steps": 0}
 
     def state_dict(self) -> dict:
         return {"method": self.name, "step": self.step}

@@ -95,6 +95,7 @@ class LGreCoMixin:
         flat = torch.cat([self.accumulated[k].reshape(-1) for k in keys]) if keys else None
         if flat is not None:
             comm.all_reduce(flat)
+            self.count_bytes(flat.numel() * flat.element_size(), 0)  # the retune's traffic is on the books too
         if flat is not None and bool(torch.isfinite(flat).all()):  # same verdict on every rank
             summed = split_like(flat, [self.accumulated[k] for k in keys])
             self.accumulated = dict(zip(keys, summed))

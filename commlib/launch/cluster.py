@@ -292,9 +292,10 @@ def _collect(procs: list[subprocess.Popen], timeout: float, grace: float = 20.0)
                 p.kill()
         for t in readers:
             t.join(timeout=10)
-    for i, p in enumerate(procs):
-        if p.returncode != 0:
-            raise RuntimeError(f"node {i} exited with {p.returncode}:\n{(errors[i] or '')[-4000:]}")
+    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    if failed:  # name the node that failed on its own before the ones killed after it
+        i = next((i for i in failed if procs[i].returncode != -signal.SIGKILL), failed[0])
+        raise RuntimeError(f"node {i} exited with {procs[i].returncode}:\n{(errors[i] or '')[-4000:]}")
     return outputs
 
 
