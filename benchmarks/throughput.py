@@ -130,15 +130,18 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model_name"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}  # one color per method everywhere
     fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
     for col, model in enumerate(models):
-        ok = [r for r in rows if r["model_name"] == model and not r.get("crashed")]
+        ok = [r for r in rows if r["model_name"] == model and not r.get("crashed")
+              and r["compression_ratio"] != float("inf")]  # the no-communication ceiling has no ratio
         for method in dict.fromkeys(r["method"] for r in ok):
             pts = sorted((r["compression_ratio"], r["samples_per_second"], r["eval_loss"])
                          for r in ok if r["method"] == method)
             xs = [p[0] for p in pts]
-            axes[0][col].plot(xs, [p[1] for p in pts], marker="o", label=method)
-            axes[1][col].plot(xs, [p[2] for p in pts], marker="o", label=method)
+            axes[0][col].plot(xs, [p[1] for p in pts], marker="o", label=method, color=colors[method])
+            axes[1][col].plot(xs, [p[2] for p in pts], marker="o", label=method, color=colors[method])
         for ax, ylabel in zip((axes[0][col], axes[1][col]), ("samples/s", "held-out loss")):
             ax.set_xscale("log")
             ax.set_xlabel("compression ratio (dense bytes / bytes sent)")

@@ -1,12 +1,18 @@
 """DiceSGD: differentially private SGD with clipping-error feedback (Zhang, Bu, Wu, Hong; ICLR 2024).
 
-In sum units (the units of Opacus' ``summed_grad``), per step over the (global) batch::
+In sum units (the units of Opacus' ``summed_grad``), per step over the (global) batch of expected
+size B::
 
     S_clip = sum_i clip(g_i, C1)        (per-sample clipping by the norm over all parameters)
     S_raw  = sum_i g_i
-    V      = S_clip + clip(E, C2)       (E clipped by its norm over all parameters)
+    V      = S_clip + clip(E, B C2)     (E clipped by its norm over all parameters)
     E     <- E + S_raw - V              (hidden, never released)
-    update = (V + N(0, (sigma C1 kappa)^2)) / expected_batch_size,   kappa = sqrt(1 + 2 C2 / C1)
+    update = (V + N(0, (sigma C1 kappa)^2)) / B,   kappa = sqrt(1 + 2 C2 / C1)
+
+This is the paper's Algorithm 2 (``v = mean_i clip(g_i, C1) + clip(e, C2)``, ``e`` in mean units)
+multiplied through by B: the paper clips the *mean-unit* error at C2, which is ``B C2`` for the sum
+``E = B e``. (Clipping the sum-unit E at C2 itself would feed back at most C2 / B per step in mean
+units, a negligible correction: measured, it leaves DP-SGD's clipping bias in place.)
 
 ``kappa`` is the noise inflation of the authors' code (``PrivacyEngine_Dice``: std = sigma C1
 sqrt(1 + 2 C2/C1)); ``sigma`` is the base noise multiplier of a standard subsampled Gaussian (from
@@ -102,6 +108,10 @@ class DiceSGD(DPOptimizer):
                          expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
                          generator=generator, secure_mode=secure_mode, **kwargs)
         self.error_max_grad_norm = float(error_max_grad_norm)
+        if expected_batch_size is None:
+            raise ValueError("expected_batch_size is required: the fed-back error is clipped at "
+                             "expected_batch_size x error_max_grad_norm in sum units")
+        self.error_clip_scale = float(expected_batch_size)  # the paper's mean-unit C2, in sum units
         self.kappa = noise_inflation(max_grad_norm, error_max_grad_norm)
         self.comm = None
         if process_group is not False and dist.is_available() and dist.is_initialized():
@@ -147,7 +157,7 @@ class DiceSGD(DPOptimizer):
             pieces = flat.split([t.numel() for t in clipped + raw])
             clipped = [x.view_as(t) for x, t in zip(pieces[: len(clipped)], clipped)]
             raw = [x.view_as(t) for x, t in zip(pieces[len(clipped):], raw)]
-        v, new_error = dice_update(clipped, raw, self.error, self.error_max_grad_norm)
+        v, new_error = dice_update(clipped, raw, self.error, self.error_max_grad_norm * self.error_clip_scale)
         if all(bool(torch.isfinite(e).all()) for e in new_error):
             self.error = new_error
         std = self.noise_multiplier * self.max_grad_norm * self.kappa
