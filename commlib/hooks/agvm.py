@@ -94,7 +94,9 @@ class AGVMState:
     r"""AGVM around an inner hook: every ``tau`` steps, measure each module group's gradient
     variance, and keep per-group learning-rate multipliers ``mu`` (EMA with ``momentum``).
 
-    Estimators (``estimator=``):
+    Estimators (``estimator=``; the default ``"scalar"`` was chosen by measurement: in
+    ``benchmarks/bench_agvm.py`` it cost 77.7 ms per step against 98.9 ms for ``"halves"`` with the
+    same final loss, 2.6631 vs 2.6630):
 
     * ``"halves"`` (the paper's): ranks are split into halves A = [0, n/2) and B; the hook
       all-reduces the local gradients within each half and over the world (two dense all-reduces of
@@ -129,7 +131,7 @@ class AGVMState:
 
     def __init__(self, process_group=None, *, model: nn.Module, groups: dict | None = None,
                  inner: str = "allreduce", inner_options: dict | None = None, tau: int = 10,
-                 momentum: float = 0.97, start_iter: int = 2, estimator: str = "halves", strict: bool = True,
+                 momentum: float = 0.97, start_iter: int = 2, estimator: str = "scalar", strict: bool = True,
                  use_adam: bool = False, optimizer=None, timeout: float | None = None):
         from commlib import hooks
 
