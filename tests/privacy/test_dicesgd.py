@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import WorkerError, run_world
+from conftest import run_world
 
 opacus = pytest.importorskip("opacus", reason="opacus not installed (pip install -e .[privacy])")
 from opacus import GradSampleModule  # noqa: E402
