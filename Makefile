@@ -14,7 +14,7 @@ STAMP := $(VENV)/.commlib-installed
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test,bench,mpi,deepspeed,privacy]"
+	$(PY) -m pip install -q -e ".[test,bench,mpi,deepspeed,privacy,parity]"
 	touch $(STAMP)
 
 setup: $(STAMP)
