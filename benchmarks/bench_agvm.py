@@ -15,7 +15,6 @@ time; JSON and a plot.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import statistics
@@ -31,6 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_output import write_results  # noqa: E402
 
 from commlib import hooks  # noqa: E402
 
@@ -155,14 +156,7 @@ def main() -> None:
         mu = r["mu"][-1] if r["mu"] else {}
         print(f"{name:40s} final loss {sum(tail) / len(tail):.4f}  step {r['step_ms']:.1f} ms  "
               f"mu {', '.join(f'{k} {v:.2f}' for k, v in mu.items())}", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows}))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def draw(plt):
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
         for name, r in rows.items():
             ax1.plot([sum(r["losses"][max(0, i - 4): i + 1]) / len(r["losses"][max(0, i - 4): i + 1])
@@ -177,12 +171,9 @@ def main() -> None:
         ax2.set_xlabel("step")
         ax2.set_ylabel("mu (lr multiplier)")
         ax2.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(Path(args.out).with_suffix(".png"), dpi=110)
-        print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
-    except ImportError:
-        print(f"wrote {args.out}")
+        return fig
 
+    write_results(args.out, {"args": vars(args), "runs": rows}, draw)
 
 if __name__ == "__main__":
     main()

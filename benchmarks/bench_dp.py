@@ -19,7 +19,6 @@ DiceSGD uses C2 = C1 and its inflated noise sigma C1 sqrt(1 + 2 C2/C1). lr scale
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,6 +29,8 @@ from opacus.optimizers import DPOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_output import write_results  # noqa: E402
 
 from commlib.privacy import DiceSGD  # noqa: E402
 
@@ -132,14 +133,7 @@ def main() -> None:
             dice = next(r for r in rows if r["problem"] == problem and r["C1"] == c1 and r["method"] == "dicesgd")
             ratio = dice[key] / dp[key] if dp[key] else float("nan")
             print(f"| {problem} ({key}) | {c1:g} | {dp[key]:.4g} | {dice[key]:.4g} | {ratio:.3g} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def draw(plt):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for ax, (problem, key) in zip(axes, (("skewed mean", "excess_loss"), ("breast cancer logistic",
                                                                               "test_accuracy"))):
@@ -154,12 +148,9 @@ def main() -> None:
             if key == "excess_loss":
                 ax.set_yscale("log")
             ax.legend()
-        fig.tight_layout()
-        fig.savefig(Path(args.out).with_suffix(".png"), dpi=110)
-        print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
-    except ImportError:
-        print(f"wrote {args.out}")
+        return fig
 
+    write_results(args.out, {"args": vars(args), "rows": rows}, draw, indent=1)
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ state tensors after training. Also times one projector refresh at 1024 x 1024 (S
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,6 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_output import write_results  # noqa: E402
 
 from commlib.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW  # noqa: E402
 from commlib.optim import projectors as pj  # noqa: E402
@@ -145,14 +146,7 @@ def main() -> None:
     refresh = refresh_times(1024, 256)
     print(f"\nprojector refresh at 1024 x 1024, rank 256: SVD {refresh['svd']:.1f} ms, DCT {refresh['dct']:.1f} ms "
           f"({refresh['svd'] / refresh['dct']:.1f}x faster), random {refresh['random']:.1f} ms")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows, "refresh_ms_1024": refresh}))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def draw(plt):
         fig, ax = plt.subplots(figsize=(8, 5))
         for r in rows:
             smooth = [sum(r["losses"][max(0, i - 9): i + 1]) / len(r["losses"][max(0, i - 9): i + 1])
@@ -161,12 +155,9 @@ def main() -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (10-step mean)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(Path(args.out).with_suffix(".png"), dpi=110)
-        print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
-    except ImportError:
-        print(f"wrote {args.out}")
+        return fig
 
+    write_results(args.out, {"args": vars(args), "runs": rows, "refresh_ms_1024": refresh}, draw)
 
 if __name__ == "__main__":
     main()

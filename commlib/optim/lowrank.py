@@ -206,6 +206,33 @@ class LowRankAdamW(Optimizer):
     def low_rank_step(self, group: dict, p: torch.Tensor, state: dict, index: int) -> None:
         raise NotImplementedError
 
+    def projected_adam(self, group: dict, p: torch.Tensor, state: dict, index: int):
+        """GaLore/Fira's shared part: refresh the projector every ``update_proj_gap`` steps, project,
+        update the low-rank moments. Returns ``(G, basis, side, R, N)`` with ``N = m / (sqrt(v) + eps)``."""
+        beta1, beta2 = group["betas"]
+        grad = pj.as_matrix(p.grad)
+        if "step" not in state:
+            state["step"] = 0
+        if state["step"] % group["update_proj_gap"] == 0 or "side" not in state:
+            self.refresh_projector(group, p, state, grad, index)
+        basis = self.basis_of(state, tuple(grad.shape), grad.dtype, grad.device)
+        low = pj.project(grad, basis, state["side"])
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(low)
+            state["exp_avg_sq"] = torch.zeros_like(low)
+        state["step"] += 1
+        adam_moments_(state["exp_avg"], state["exp_avg_sq"], low, beta1, beta2)
+        direction = transformers_adam_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
+        return grad, basis, state["side"], low, direction
+
+    def apply_update(self, group: dict, p: torch.Tensor, state: dict, update: torch.Tensor) -> None:
+        """``W -= lr b update`` (b the bias correction), then GaLore-style decoupled weight decay."""
+        beta1, beta2 = group["betas"]
+        p.add_(update.view_as(p), alpha=-transformers_step_size(group["lr"], beta1, beta2, state["step"],
+                                                                group["correct_bias"]))
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but integer index tensors keep their dtype (torch casts state to the param dtype)."""
@@ -249,25 +276,8 @@ class GaLoreAdamW(LowRankAdamW):
     group_defaults = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "projector": "svd", "seed": 0}
 
     def low_rank_step(self, group, p, state, index):
-        beta1, beta2 = group["betas"]
-        grad = pj.as_matrix(p.grad)
-        if "step" not in state:
-            state["step"] = 0
-        if state["step"] % group["update_proj_gap"] == 0 or "side" not in state:
-            self.refresh_projector(group, p, state, grad, index)
-        basis = self.basis_of(state, tuple(grad.shape), grad.dtype, grad.device)
-        low = pj.project(grad, basis, state["side"])
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(low)
-            state["exp_avg_sq"] = torch.zeros_like(low)
-        state["step"] += 1
-        adam_moments_(state["exp_avg"], state["exp_avg_sq"], low, beta1, beta2)
-        direction = transformers_adam_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
-        update = pj.project_back(direction, basis, state["side"]) * group["scale"]
-        p.add_(update.view_as(p), alpha=-transformers_step_size(group["lr"], beta1, beta2, state["step"],
-                                                                group["correct_bias"]))
-        if group["weight_decay"] > 0.0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        _, basis, side, _, direction = self.projected_adam(group, p, state, index)
+        self.apply_update(group, p, state, pj.project_back(direction, basis, side) * group["scale"])
 
 
 # ---------------------------------------------------------------------------------------- Fira
@@ -296,31 +306,13 @@ class FiraAdamW(LowRankAdamW):
         _require("residual", group["residual"], group["residual"] in ("paper", "reference"), "'paper' or 'reference'")
 
     def low_rank_step(self, group, p, state, index):
-        beta1, beta2 = group["betas"]
-        grad = pj.as_matrix(p.grad)
-        if "step" not in state:
-            state["step"] = 0
-        if state["step"] % group["update_proj_gap"] == 0 or "side" not in state:
-            self.refresh_projector(group, p, state, grad, index)
-        basis = self.basis_of(state, tuple(grad.shape), grad.dtype, grad.device)
-        side, alpha = state["side"], group["alpha"]
-        low = pj.project(grad, basis, side)
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(low)
-            state["exp_avg_sq"] = torch.zeros_like(low)
-        state["step"] += 1
-        adam_moments_(state["exp_avg"], state["exp_avg_sq"], low, beta1, beta2)
-        direction = transformers_adam_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
+        grad, basis, side, low, direction = self.projected_adam(group, p, state, index)
         in_subspace = pj.project_back(low, basis, side)
         if group["residual"] == "reference":
-            in_subspace = in_subspace * alpha
+            in_subspace = in_subspace * group["alpha"]
         residual = (grad - in_subspace) * fira_scaling(direction, low)
         residual, state["scaling_grad"] = fira_limit(residual, state.get("scaling_grad"))
-        update = pj.project_back(direction, basis, side) * alpha + residual
-        p.add_(update.view_as(p), alpha=-transformers_step_size(group["lr"], beta1, beta2, state["step"],
-                                                                group["correct_bias"]))
-        if group["weight_decay"] > 0.0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        self.apply_update(group, p, state, pj.project_back(direction, basis, side) * group["alpha"] + residual)
 
 
 # ---------------------------------------------------------------------------------------- FRUGAL
