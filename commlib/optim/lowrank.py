@@ -49,6 +49,16 @@ def adam_moments_(exp_avg, exp_avg_sq, grad, beta1: float, beta2: float) -> None
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
 
 
+def advance_moments(state: dict, like: torch.Tensor, step_key: str) -> int:
+    """Create zero moments shaped like ``like`` on first use, count one more step; returns it."""
+    if "exp_avg" not in state:
+        state[step_key] = 0
+        state["exp_avg"] = torch.zeros_like(like)
+        state["exp_avg_sq"] = torch.zeros_like(like)
+    state[step_key] += 1
+    return state[step_key]
+
+
 def transformers_adam_direction(exp_avg, exp_avg_sq, eps: float) -> torch.Tensor:
     """GaLore/Fira's ``N = m / (sqrt(v) + eps)`` (bias correction goes into the step size)."""
     return exp_avg / exp_avg_sq.sqrt().add_(eps)
@@ -191,11 +201,7 @@ class LowRankAdamW(Optimizer):
     def dense_step(self, group: dict, p: torch.Tensor, state: dict) -> None:
         """Full-rank AdamW in GaLore's convention (bias correction in the step, decay after)."""
         beta1, beta2 = group["betas"]
-        if "exp_avg" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] += 1
+        advance_moments(state, p, "step")
         adam_moments_(state["exp_avg"], state["exp_avg_sq"], p.grad, beta1, beta2)
         direction = transformers_adam_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
         p.add_(direction, alpha=-transformers_step_size(group["lr"], beta1, beta2, state["step"],
@@ -376,14 +382,9 @@ class FrugalAdamW(LowRankAdamW):
     # ------------------------------------------------------------------ shared pieces
     def adam_part(self, group, state, grad) -> torch.Tensor:
         beta1, beta2 = group["betas"]
-        if "exp_avg" not in state:
-            state["adam_step"] = 0
-            state["exp_avg"] = torch.zeros_like(grad)
-            state["exp_avg_sq"] = torch.zeros_like(grad)
-        state["adam_step"] += 1
+        step = advance_moments(state, grad, "adam_step")
         adam_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2)
-        return torch_adam_update(state["exp_avg"], state["exp_avg_sq"], state["adam_step"], beta1, beta2,
-                                 group["eps"])
+        return torch_adam_update(state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, group["eps"])
 
     def state_free(self, group, rest: torch.Tensor) -> torch.Tensor | None:
         rule = group["inactive_update_rule"]
