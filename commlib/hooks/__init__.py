@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from commlib.hooks.agvm import AGVMState, param_groups_by_module, propose_groups
+from commlib.coding.ddp import GradientCodingState
 from commlib.hooks.allreduce import AllreduceState, CastState
 from commlib.hooks.dp_ef import DPErrorFeedbackState
 from commlib.hooks.ef import ErrorFeedbackState
@@ -49,6 +50,7 @@ _REGISTRY = {
     "lgreco": make_lgreco,
     "agvm": AGVMState,
     "dp_ef": DPErrorFeedbackState,
+    "gc": GradientCodingState,
 }
 
 

@@ -39,7 +39,7 @@ def test_invalid_options_raise_value_error(name, options, match):
 
 
 def test_names_list_every_hook():
-    assert hooks.names() == ["allreduce", "fp16", "bf16", "ef", "ef21", "ef21w", "powersgd", "lgreco", "agvm", "dp_ef"]
+    assert hooks.names() == ["allreduce", "fp16", "bf16", "ef", "ef21", "ef21w", "powersgd", "lgreco", "agvm", "dp_ef", "gc"]
 
 
 def test_hook_needs_an_initialized_process_group():
