@@ -277,7 +277,8 @@ def train(args: argparse.Namespace) -> dict:
     else:
         bytes_per_step = float(fixed_bytes())
     with torch.no_grad():
-        eval_loss = sum(float(loss_fn(model, b)) for b in data.evaluation()) / len(data.evaluation())
+        held_out = data.evaluation()
+        eval_loss = sum(float(loss_fn(model, b)) for b in held_out) / len(held_out)
     dense = sum(p.numel() * p.element_size() for p in model.parameters())
     params = [p.detach().reshape(-1) for p in model.parameters()]
     checksum = float(torch.cat(params).double().sum())

@@ -7,8 +7,8 @@ master/worker runtime (mpi4py or gloo point-to-point, deadlines) and ``benchmark
 not built yet.
 """
 
-from commlib.coding.ddp import GradientCodingState, coded_loss
 from commlib.coding.codes import CyclicRepetition, FractionalRepetition, GradientCode, Undecodable
+from commlib.coding.ddp import GradientCodingState, coded_loss
 from commlib.coding.sequential import MSGC, SRSGC, GCScheme, Simulation, make_code
 from commlib.coding.stragglers import StragglerModel
 

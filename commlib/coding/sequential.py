@@ -39,6 +39,19 @@ class Simulation:
     def all_decoded(self) -> bool:
         return all(r is not None for r in self.decoded_round)
 
+    def record(self, round_: int | None, decoded=None, exact=None) -> None:
+        """One job's outcome: decoded in ``round_`` (None: not decodable by its deadline)."""
+        self.decoded_round.append(round_)
+        self.max_error.append(math.inf if round_ is None else float(np.abs(decoded - exact).max()))
+
+
+def decode_sum(code: GradientCode, survivors, partial: np.ndarray) -> np.ndarray:
+    """What the master decodes from the survivors' coded messages of ``partial`` (n, d) partial
+    gradients: ``sum_i a_i f_i``; raises :class:`Undecodable`."""
+    a = code.decode(survivors)
+    messages = np.stack([code.encode(i, partial) for i in range(code.n)])
+    return a @ messages
+
 
 class GCScheme:
     """Plain gradient coding (T = 0): job t runs in round t only and needs <= s stragglers."""
@@ -61,14 +74,9 @@ class GCScheme:
             alive = [i for i in range(self.n) if not p[t, i]]
             out.work[t, :] = self.normalized_load
             try:
-                a = self.code.decode(alive)
+                out.record(t, decode_sum(self.code, alive, g), g.sum(0))
             except Undecodable:
-                out.decoded_round.append(None)
-                out.max_error.append(math.inf)
-                continue
-            messages = np.stack([self.code.encode(i, g) for i in range(self.n)])
-            out.decoded_round.append(t)
-            out.max_error.append(float(np.abs(a @ messages - g.sum(0)).max()))
+                out.record(None)
         return out
 
 
@@ -130,14 +138,9 @@ class SRSGC:
 
     def _decode(self, t, r, arrived, grads, out: Simulation) -> None:
         try:
-            a = self.code.decode(arrived[t])
+            out.record(r, decode_sum(self.code, arrived[t], grads[t]), grads[t].sum(0))
         except Undecodable:
-            out.decoded_round.append(None)
-            out.max_error.append(math.inf)
-            return
-        messages = np.stack([self.code.encode(i, grads[t]) for i in range(self.n)])
-        out.decoded_round.append(r)
-        out.max_error.append(float(np.abs(a @ messages - grads[t].sum(0)).max()))
+            out.record(None)
 
 
 class MSGC:
@@ -216,19 +219,12 @@ class MSGC:
 
     def _decode(self, t, r, d1, d2, d1_done, d2_arrived, out: Simulation) -> None:
         if not d1_done[t].all():
-            out.decoded_round.append(None)
-            out.max_error.append(math.inf)
+            out.record(None)
             return
-        total = d1[t].sum(axis=(0, 1))
         try:
-            for k in range(self.B):
-                a = self.code.decode(d2_arrived[t][k])
-                messages = np.stack([self.code.encode(i, d2[t][k]) for i in range(self.n)])
-                total = total + a @ messages
+            total = d1[t].sum(axis=(0, 1)) + sum(decode_sum(self.code, d2_arrived[t][k], d2[t][k])
+                                                 for k in range(self.B))
         except Undecodable:
-            out.decoded_round.append(None)
-            out.max_error.append(math.inf)
+            out.record(None)
             return
-        exact = d1[t].sum(axis=(0, 1)) + d2[t].sum(axis=(0, 1))
-        out.decoded_round.append(r)
-        out.max_error.append(float(np.abs(total - exact).max()))
+        out.record(r, total, d1[t].sum(axis=(0, 1)) + d2[t].sum(axis=(0, 1)))

@@ -119,3 +119,21 @@ def two_phase_allreduce(
         for t in range(len(values))
     ]
     return results, local_hat, new_errors
+
+
+def two_phase_allreduce_like(
+    comm: Comm,
+    values: list[torch.Tensor],
+    compressor: Compressor,
+    server_errors: list[torch.Tensor | None],
+    seeds: list[int],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`two_phase_allreduce` of tensors of any shape: each is flattened and zero-padded to
+    :func:`two_phase_alignment`, and the mean estimates and this rank's decompressed compression come
+    back cut and shaped like the inputs (server errors stay per padded chunk)."""
+    align = two_phase_alignment(compressor, comm.world_size)
+    padded = [torch.nn.functional.pad(v.reshape(-1), (0, -v.numel() % align)) for v in values]
+    results, local_hat, new_errors = two_phase_allreduce(comm, padded, compressor, server_errors, seeds)
+    results = [r[: v.numel()].view(v.shape) for r, v in zip(results, values)]
+    local_hat = [h[: v.numel()].view(v.shape) for h, v in zip(local_hat, values)]
+    return results, local_hat, new_errors

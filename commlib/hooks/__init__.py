@@ -7,8 +7,8 @@ state (one class per method, one file each) holds the options, the buffers and t
 import torch
 import torch.distributed as dist
 
-from commlib.hooks.agvm import AGVMState, param_groups_by_module, propose_groups
 from commlib.coding.ddp import GradientCodingState
+from commlib.hooks.agvm import AGVMState, param_groups_by_module, propose_groups
 from commlib.hooks.allreduce import AllreduceState, CastState
 from commlib.hooks.dp_ef import DPErrorFeedbackState
 from commlib.hooks.ef import ErrorFeedbackState

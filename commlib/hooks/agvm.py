@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm, OrderedQueue
 from commlib.hooks.state import strip_ddp_prefix
 
@@ -188,27 +189,19 @@ class AGVMState:
             local = bucket.buffer().detach().clone()  # before the inner hook reduces it in place
             keys = [self._param_names.get(id(p)) for p in bucket.parameters()]
             params = list(bucket.parameters())
-            shapes = [g.shape for g in bucket.gradients()]
+            likes = bucket.gradients()  # per-parameter shapes of the flat buffer
         inner = self.inner_hook(self.inner_state, bucket)
         if not estimating:
             if is_last:
                 self.extra_bytes_last_step = 0
             return inner
         if self.estimator == "halves":
-            ours = self.queue.submit(lambda comm: self._halves_job(comm, local, keys, params, shapes, step, is_last))
+            ours = self.queue.submit(lambda comm: self._halves_job(comm, local, keys, params, likes, step, is_last))
             return torch.futures.collect_all([inner, ours]).then(lambda f: f.value()[0].value())
-        return inner.then(lambda f: self._scalar_after(f.value(), local, keys, shapes, step, is_last))
+        return inner.then(lambda f: self._scalar_after(f.value(), local, keys, likes, step, is_last))
 
     # ------------------------------------------------------------------ estimators
-    def _split(self, flat: torch.Tensor, shapes):
-        out, offset = [], 0
-        for shape in shapes:
-            n = math.prod(shape)
-            out.append(flat[offset: offset + n].view(shape))
-            offset += n
-        return out
-
-    def _halves_job(self, comm: Comm, local, keys, params, shapes, step, is_last):
+    def _halves_job(self, comm: Comm, local, keys, params, likes, step, is_last):
         n = comm.world_size
         size_a, size_b = len(self.half_ranks[0]), len(self.half_ranks[1])
         own = local.clone()
@@ -218,7 +211,7 @@ class AGVMState:
         h = len(self.half_ranks[self.my_half])  # ring all-reduce volume per rank: 2 (k-1)/k x bytes
         self._step_bytes += 2 * nbytes * (h - 1) // h + 2 * nbytes * (n - 1) // n
         sum_a, sum_b = (own, total - own) if self.my_half == 0 else (total - own, own)
-        grads_a, grads_b = self._split(sum_a / size_a, shapes), self._split(sum_b / size_b, shapes)
+        grads_a, grads_b = split_like(sum_a / size_a, likes), split_like(sum_b / size_b, likes)
         for key, param, ga, gb in zip(keys, params, grads_a, grads_b):
             group = self.group_of.get(key)
             if group is None:
@@ -244,10 +237,10 @@ class AGVMState:
         beta2, eps = group.get("betas", (0.9, 0.999))[1], group.get("eps", 1e-8)
         return preconditioned(grad, state["exp_avg_sq"], beta2, eps)
 
-    def _scalar_after(self, reduced: torch.Tensor, local, keys, shapes, step, is_last):
+    def _scalar_after(self, reduced: torch.Tensor, local, keys, likes, step, is_last):
         sums = torch.zeros(len(self.group_names), dtype=torch.float64)
         means = torch.zeros(len(self.group_names), dtype=torch.float64)
-        for key, g_local, g_mean in zip(keys, self._split(local, shapes), self._split(reduced, shapes)):
+        for key, g_local, g_mean in zip(keys, split_like(local, likes), split_like(reduced, likes)):
             group = self.group_of.get(key)
             if group is None:
                 continue

@@ -9,12 +9,11 @@ from commlib.comm.patterns import (
     allgather_payloads,
     allreduce_mean_,
     split_like,
-    two_phase_alignment,
-    two_phase_allreduce,
+    two_phase_allreduce_like,
 )
 from commlib.comm.queue import Comm
 from commlib.compress.base import Compressor, Payload
-from commlib.hooks.state import HookState, ParamView, numel_bytes
+from commlib.hooks.state import HookState, ParamView
 
 COLLECTIVES = ("auto", "allreduce", "allgather", "two_phase")
 
@@ -102,10 +101,7 @@ class ErrorFeedbackState(HookState):
 
     def reduce_compressed(self, comm: Comm, chosen: list[ParamView], step: int) -> None:
         for v in chosen:
-            size = self.compressor_for(v.key).nbytes(v.grad.shape, v.grad.dtype)
-            self.count_bytes(size, numel_bytes(v.grad))
-            self.per_layer[v.key] = {"numel": v.grad.numel(), "compressed": True, "payload_bytes": size,
-                                     "dense_bytes": numel_bytes(v.grad)}
+            self.book_layer(v, self.compressor_for(v.key).nbytes(v.grad.shape, v.grad.dtype))
         server_errors = {}
         if self.collective == "two_phase":
             residuals, server_errors = self._two_phase(comm, chosen, step)
@@ -139,20 +135,14 @@ class ErrorFeedbackState(HookState):
     def _two_phase(self, comm, chosen, step):
         """Two-phase reduction of the EF-corrected values; worker residuals are taken against the
         per-chunk compression actually sent, server residuals are kept per parameter chunk."""
-        align = two_phase_alignment(self.compressor, comm.world_size)
-        values = []
-        for v in chosen:
-            corrected = v.grad + self.residuals[v.key] if v.key in self.residuals else v.grad
-            values.append(torch.nn.functional.pad(corrected.reshape(-1), (0, -v.grad.numel() % align)))
-        results, local_hat, server_errors = two_phase_allreduce(
+        values = [v.grad + self.residuals[v.key] if v.key in self.residuals else v.grad for v in chosen]
+        results, local_hat, server_errors = two_phase_allreduce_like(
             comm, values, self.compressor, [self.server_errors.get(v.key) for v in chosen],
             [self.layer_seed(step, v.key) for v in chosen],
         )
-        residuals = []
-        for v, value, result, hat in zip(chosen, values, results, local_hat):
-            n = v.grad.numel()
-            residuals.append((value[:n] - hat[:n]).view(v.grad.shape))
-            v.grad.copy_(result[:n].view(v.grad.shape))
+        residuals = [value - hat for value, hat in zip(values, local_hat)]
+        for v, result in zip(chosen, results):
+            v.grad.copy_(result)
         return residuals, dict(zip((v.key for v in chosen), server_errors))
 
     def buffers_state(self) -> dict:
@@ -170,7 +160,7 @@ def sum_summable_payloads(comm: Comm, payloads: list[Payload]) -> list[Payload]:
         for j, t in enumerate(p.tensors):
             by_dtype.setdefault(t.dtype, []).append((i, j))
     out = [list(p.tensors) for p in payloads]
-    for dtype, where in by_dtype.items():
+    for where in by_dtype.values():
         tensors = [payloads[i].tensors[j] for i, j in where]
         flat = torch.cat([t.reshape(-1) for t in tensors])
         allreduce_mean_(comm, flat)

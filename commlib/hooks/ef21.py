@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from commlib import compress
-from commlib.comm.patterns import allgather_payloads, two_phase_alignment, two_phase_allreduce
+from commlib.comm.patterns import allgather_payloads, two_phase_allreduce_like
 from commlib.comm.queue import Comm
 from commlib.compress.base import Compressor, Payload
 from commlib.hooks.ef import COLLECTIVES, check_compressor, sum_summable_payloads
 from commlib.hooks.ef21_theory import ef21w_weights
-from commlib.hooks.state import HookState, ParamView, numel_bytes
+from commlib.hooks.state import HookState, ParamView
 
 
 def ef21_message(target: torch.Tensor, estimate: torch.Tensor, compressor: Compressor, seed: int):
@@ -116,25 +116,17 @@ class EF21State(HookState):
         n = comm.world_size
         own = self.weight(comm.rank) * n  # n w_i: 1 for EF21
         for v in chosen:
-            size = self.compressor.nbytes(v.grad.shape, v.grad.dtype)
-            self.count_bytes(size, numel_bytes(v.grad))
-            self.per_layer[v.key] = {"numel": v.grad.numel(), "compressed": True, "payload_bytes": size,
-                                     "dense_bytes": numel_bytes(v.grad)}
+            self.book_layer(v, self.compressor.nbytes(v.grad.shape, v.grad.dtype))
         messages, updates, server_errors = [], [], {}  # c_i (local) and sum_j w_j c_j (aggregate)
         if self.collective == "two_phase":
-            align = two_phase_alignment(self.compressor, n)
             values = []
             for v in chosen:
-                diff = (self.target(v.grad) - self.local_estimates[v.key]).reshape(-1)
-                values.append(torch.nn.functional.pad(diff * own if own != 1.0 else diff,
-                                                      (0, -v.grad.numel() % align)))
-            results, local_hat, errors = two_phase_allreduce(
+                diff = self.target(v.grad) - self.local_estimates[v.key]
+                values.append(diff * own if own != 1.0 else diff)
+            updates, local_hat, errors = two_phase_allreduce_like(
                 comm, values, self.compressor, [self.server_errors.get(v.key) for v in chosen],
                 [self.layer_seed(step, v.key) for v in chosen])
-            for v, result, hat in zip(chosen, results, local_hat):
-                k = v.grad.numel()
-                messages.append((hat[:k] / own if own != 1.0 else hat[:k]).view(v.grad.shape))
-                updates.append(result[:k].view(v.grad.shape))
+            messages = [hat / own if own != 1.0 else hat for hat in local_hat]
             server_errors = dict(zip((v.key for v in chosen), errors))
         else:
             payloads = []

@@ -51,17 +51,21 @@ def ef21_stepsize(alpha: float, L: float, L_tilde: float) -> float:
     return 1.0 / (L + L_tilde * ef21_xi(alpha))
 
 
-def quadratic_mean(values) -> float:
+def smoothness_constants(values) -> list[float]:
+    """The workers' ``L_i`` as floats: a non-empty list of finite numbers > 0."""
     values = [_require_positive("L_i", float(v)) for v in values]
     if not values:
         raise ValueError("L_i must be a non-empty list")
+    return values
+
+
+def quadratic_mean(values) -> float:
+    values = smoothness_constants(values)
     return math.sqrt(sum(v * v for v in values) / len(values))
 
 
 def arithmetic_mean(values) -> float:
-    values = [_require_positive("L_i", float(v)) for v in values]
-    if not values:
-        raise ValueError("L_i must be a non-empty list")
+    values = smoothness_constants(values)
     return sum(values) / len(values)
 
 
@@ -78,7 +82,7 @@ def ef21w_stepsize(alpha: float, L: float, L_i) -> float:
 
 def ef21w_weights(L_i) -> list[float]:
     """EF21-W's weights ``w_i = L_i / sum_j L_j``."""
-    values = [_require_positive("L_i", float(v)) for v in L_i]
+    values = smoothness_constants(L_i)
     total = sum(values)
     return [v / total for v in values]
 

@@ -10,7 +10,7 @@ from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm
 from commlib.compress.base import require_int
 from commlib.compress.powersgd import orthogonalize_, shared_gaussian
-from commlib.hooks.state import HookState, ParamView, numel_bytes
+from commlib.hooks.state import HookState, ParamView
 
 
 def should_compress(rows: int, cols: int, rank: int, min_compression_rate: float) -> bool:
@@ -154,10 +154,7 @@ class PowerSGDState(HookState):
             for v in group:
                 rows, cols = matrix_of(v).shape
                 rank = q.shape[2]
-                size = (rows + cols) * rank * v.grad.element_size()
-                self.count_bytes(size, numel_bytes(v.grad))
-                self.per_layer[v.key] = {"numel": v.grad.numel(), "compressed": True, "rank": rank,
-                                         "payload_bytes": size, "dense_bytes": numel_bytes(v.grad)}
+                self.book_layer(v, (rows + cols) * rank * v.grad.element_size(), rank=rank)
         if not groups:
             self._commit_dense_residuals(views, dense, work, step)
             return

@@ -158,10 +158,14 @@ class HookState:
         allreduce_mean_(comm, flat)
         for v, mean in zip(dense, split_like(flat, grads)):
             v.grad.copy_(mean)
-            size = numel_bytes(v.grad)
-            self.count_bytes(size, size)
-            self.per_layer[v.key] = {"numel": v.grad.numel(), "compressed": False, "payload_bytes": size,
-                                     "dense_bytes": size}
+            self.book_layer(v, numel_bytes(v.grad), compressed=False)
+
+    def book_layer(self, view: ParamView, payload_bytes: int, compressed: bool = True, **detail) -> None:
+        """Count one parameter's bytes for this step and record its ``stats()["per_layer"]`` entry."""
+        dense = numel_bytes(view.grad)
+        self.count_bytes(payload_bytes, dense)
+        self.per_layer[view.key] = {"numel": view.grad.numel(), "compressed": compressed, **detail,
+                                    "payload_bytes": payload_bytes, "dense_bytes": dense}
 
     def count_bytes(self, payload: int, dense: int) -> None:
         self._step_payload += payload

@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -263,8 +264,6 @@ class EmulatedCluster:
 def _collect(procs: list[subprocess.Popen], timeout: float, grace: float = 20.0) -> list[str]:
     """Wait for every node; if one fails, give the others ``grace`` seconds, then kill them (a node whose
     peer died would otherwise wait in torchrun's rendezvous or exit barrier for minutes)."""
-    import threading
-
     outputs: list = [None] * len(procs)
     errors: list = [None] * len(procs)
 

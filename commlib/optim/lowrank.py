@@ -59,6 +59,12 @@ def advance_moments(state: dict, like: torch.Tensor, step_key: str) -> int:
     return state[step_key]
 
 
+def reset_moments(state: dict) -> None:
+    """FRUGAL's ``reset_statistics``: drop the inner Adam's moments and step (they restart at zero)."""
+    for key in ("exp_avg", "exp_avg_sq", "adam_step"):
+        state.pop(key, None)
+
+
 def transformers_adam_direction(exp_avg, exp_avg_sq, eps: float) -> torch.Tensor:
     """GaLore/Fira's ``N = m / (sqrt(v) + eps)`` (bias correction goes into the step size)."""
     return exp_avg / exp_avg_sq.sqrt().add_(eps)
@@ -423,8 +429,7 @@ class FrugalAdamW(LowRankAdamW):
             refresh = state["step"] // group["update_proj_gap"]
             active = self.block_active(group, index, refresh)
             if refreshing and group["reset_statistics"] or not active:
-                for key in ("exp_avg", "exp_avg_sq", "adam_step"):
-                    state.pop(key, None)
+                reset_moments(state)
             if active:
                 p.add_(self.adam_part(group, state, p.grad), alpha=-lr)
             else:
@@ -437,8 +442,7 @@ class FrugalAdamW(LowRankAdamW):
         if refreshing or "side" not in state:
             self.refresh_projector(group, p, state, grad, index)
             if group["reset_statistics"]:
-                for key in ("exp_avg", "exp_avg_sq", "adam_step"):
-                    state.pop(key, None)
+                reset_moments(state)
         basis = self.basis_of(state, tuple(grad.shape), grad.dtype, grad.device)
         low = pj.project(grad, basis, state["side"])
         update = pj.project_back(self.adam_part(group, state, low), basis, state["side"])

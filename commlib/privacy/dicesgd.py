@@ -35,6 +35,7 @@ import torch.distributed as dist
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
+from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm
 
 
@@ -154,9 +155,8 @@ class DiceSGD(DPOptimizer):
         if self.comm is not None:  # one all-reduce of both sums: the global batch's S_clip and S_raw
             flat = torch.cat([t.reshape(-1) for t in clipped + raw])
             self.comm.all_reduce(flat)
-            pieces = flat.split([t.numel() for t in clipped + raw])
-            clipped = [x.view_as(t) for x, t in zip(pieces[: len(clipped)], clipped)]
-            raw = [x.view_as(t) for x, t in zip(pieces[len(clipped):], raw)]
+            summed = split_like(flat, clipped + raw)
+            clipped, raw = summed[: len(clipped)], summed[len(clipped):]
         v, new_error = dice_update(clipped, raw, self.error, self.error_max_grad_norm * self.error_clip_scale)
         if all(bool(torch.isfinite(e).all()) for e in new_error):
             self.error = new_error
