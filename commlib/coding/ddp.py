@@ -41,9 +41,9 @@ class GradientCodingState:
     Example::
 
         >>> code = coding.CyclicRepetition(n=3, s=1)                                     # doctest: +SKIP
-        >>> state, hook = hooks.make("gc", code=code, stragglers=lambda step: {step % 3})
-        >>> ddp.register_comm_hook(state, hook)
-        >>> loss = coding.coded_loss(code, rank, {j: loss_on_part(j) for j in code.parts(rank)})
+        >>> state, hook = hooks.make("gc", code=code, stragglers=lambda step: {step % 3})  # doctest: +SKIP
+        >>> ddp.register_comm_hook(state, hook)                                          # doctest: +SKIP
+        >>> loss = coding.coded_loss(code, rank, {j: loss_on_part(j) for j in code.parts(rank)})  # doctest: +SKIP
     """
 
     name = "gc"

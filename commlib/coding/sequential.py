@@ -1,10 +1,13 @@
-"""Sequential gradient coding schemes (Krishnan, Ebrahimi, Khisti; ICLR 2023): SR-SGC and M-SGC.
+"""Gradient coding schedules: plain GC (Tandon et al., ICML 2017) and sequential GC (Krishnan,
+Ebrahimi, Khisti; ICLR 2023): SR-SGC and M-SGC.
 
-Jobs t = 0..J-1 (one per round) must be decoded by the end of round t + T. Each scheme says which
-mini-task every worker runs in every round, adapting to the stragglers seen so far, and decodes each
-job from the results that arrived. :meth:`simulate` runs a straggler pattern through the schedule
-with real vector arithmetic (float64 partial gradients), so a test can check that every job decodes
-to the exact full gradient by its deadline and that the work per round equals the formula load.
+Jobs t = 0..J-1 start one per round and must be decoded by the end of round t + T. A scheme says how
+a job's batch is cut into parts (:meth:`part_sizes`), which mini-tasks every worker runs in every
+round (:meth:`Schedule.assign`, adapting to the stragglers seen so far), which parts with which
+coefficients a mini-task combines (:meth:`task_parts`), and which linear combination of the arrived
+results is the job's full gradient (:meth:`Schedule.combination`). The same :class:`Schedule` drives
+:meth:`simulate` (a straggler pattern through the schedule with real float64 vector arithmetic) and
+the master/worker runtime of :mod:`commlib.coding.runtime`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import numpy as np
 from commlib.coding.codes import CyclicRepetition, FractionalRepetition, GradientCode, Undecodable
 from commlib.coding.stragglers import StragglerModel
 
+CODED, CHUNK = "coded", "chunk"
+
 
 def make_code(n: int, s: int, kind: str = "auto", seed: int = 0) -> GradientCode:
     """FRC when (s+1) | n (exact decoding) unless ``kind="cyclic"``; cyclic otherwise."""
@@ -25,6 +30,16 @@ def make_code(n: int, s: int, kind: str = "auto", seed: int = 0) -> GradientCode
     if kind == "frc" or (kind == "auto" and n % (s + 1) == 0):
         return FractionalRepetition(n, s)
     return CyclicRepetition(n, s, seed=seed)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One mini-task: ``kind`` CODED = the worker's coded message for D2 group ``index`` of ``job``
+    (GC and SR-SGC have one group, 0); CHUNK = the worker's uncoded D1 chunk ``index`` (M-SGC)."""
+
+    job: int
+    kind: str
+    index: int
 
 
 @dataclass
@@ -45,47 +60,164 @@ class Simulation:
         self.max_error.append(math.inf if round_ is None else float(np.abs(decoded - exact).max()))
 
 
-def decode_sum(code: GradientCode, survivors, partial: np.ndarray) -> np.ndarray:
-    """What the master decodes from the survivors' coded messages of ``partial`` (n, d) partial
-    gradients: ``sum_i a_i f_i``; raises :class:`Undecodable`."""
-    a = code.decode(survivors)
-    messages = np.stack([code.encode(i, partial) for i in range(code.n)])
-    return a @ messages
+class Schedule:
+    """The books of one run of ``jobs`` jobs: which results arrived and who straggled in each round.
+
+    ``assign(r)`` -> {worker: [Task]}; ``observe(r, assignment, delivered)`` after round r closes;
+    ``combination(t)`` -> {(job, kind, index, worker): coefficient} whose sum of coefficient x result
+    is job t's full gradient (raises :class:`Undecodable`); ``allows(r, stragglers)`` says whether
+    closing round r with these stragglers keeps the scheme's guarantee (the straggler model).
+    """
+
+    def __init__(self, scheme, jobs: int):
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+        self.scheme, self.jobs = scheme, jobs
+        self.rounds = jobs + scheme.T
+        self.arrived: set[tuple] = set()
+        self.stragglers: list[set[int]] = []  # per closed round
+
+    def assign(self, r: int) -> dict[int, list[Task]]:
+        return self.scheme._assign(self, r)
+
+    def observe(self, r: int, assignment: dict[int, list[Task]], delivered) -> None:
+        if r != len(self.stragglers):
+            raise ValueError(f"rounds must be observed in order: expected {len(self.stragglers)}, got {r}")
+        delivered = set(delivered)
+        for worker, tasks in assignment.items():
+            if worker in delivered:
+                self.arrived.update((task.job, task.kind, task.index, worker) for task in tasks)
+        self.stragglers.append({w for w, tasks in assignment.items() if tasks and w not in delivered})
+
+    def combination(self, t: int, extra=()) -> dict[tuple, float]:
+        """Coefficients of job t's decoding from the arrived results (plus ``extra`` keys)."""
+        arrived = self.arrived | set(extra) if extra else self.arrived
+        return self.scheme._combination(t, arrived)
+
+    def ready(self, t: int, extra=()) -> bool:
+        try:
+            self.combination(t, extra)
+        except Undecodable:
+            return False
+        return True
+
+    def allows(self, r: int, stragglers) -> bool:
+        model = getattr(self.scheme, "model", None)
+        return True if model is None else model.allows(self.stragglers[:r], set(stragglers))
+
+    def forget(self, t: int) -> None:
+        """Drop job t's books once it is decoded."""
+        self.arrived = {key for key in self.arrived if key[0] != t}
 
 
-class GCScheme:
-    """Plain gradient coding (T = 0): job t runs in round t only and needs <= s stragglers."""
+class _Scheme:
+    """What every scheme shares: the part layout, the work accounting and :meth:`simulate`."""
+
+    n: int
+    T: int
+    code: GradientCode
+
+    def schedule(self, jobs: int) -> Schedule:
+        return Schedule(self, jobs)
+
+    def check_batch(self, batch: int) -> None:
+        unit = self.batch_unit
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < unit or batch % unit:
+            raise ValueError(f"batch must be a positive multiple of {unit} for {type(self).__name__}"
+                             f"(n={self.n}), got {batch!r}")
+
+    def task_samples(self, worker: int, task: Task, batch: int) -> int:
+        sizes = self.part_sizes(batch)
+        return sum(sizes[p] for p, _ in self.task_parts(worker, task))
+
+    def _coded_parts(self, worker: int, group: int, offset: int) -> list[tuple[int, float]]:
+        return [(offset + group * self.n + j, float(self.code.B[worker, j])) for j in self.code.parts(worker)]
+
+    def _decode_group(self, t: int, group: int, arrived) -> dict[tuple, float]:
+        survivors = [w for w in range(self.n) if (t, CODED, group, w) in arrived]
+        try:
+            a = self.code.decode(survivors)
+        except Undecodable as error:
+            raise Undecodable(f"job {t}, coded group {group}: {error}") from None
+        return {(t, CODED, group, w): float(a[w]) for w in survivors if a[w] != 0.0}
+
+    def simulate(self, pattern, jobs: int, dim: int = 4, seed: int = 0) -> Simulation:
+        """Run a (rounds, n) straggler pattern (1 = straggles) through the schedule with real
+        float64 arithmetic: random part gradients, coded results, decoding at each job's deadline."""
+        p = np.asarray(pattern, dtype=bool)
+        schedule = self.schedule(jobs)
+        if p.shape[0] < schedule.rounds:
+            raise ValueError(f"pattern needs {schedule.rounds} rounds for {jobs} jobs, has {p.shape[0]}")
+        batch = self.batch_unit
+        sizes = self.part_sizes(batch)
+        rng = np.random.default_rng(seed)
+        parts = [rng.standard_normal((len(sizes), dim)) for _ in range(jobs)]
+        results: dict[tuple, np.ndarray] = {}
+        out = Simulation(work=np.zeros((schedule.rounds, self.n)))
+        for r in range(schedule.rounds):
+            assignment = schedule.assign(r)
+            delivered = {w for w in assignment if not p[r, w]}
+            for w, tasks in assignment.items():
+                for task in tasks:
+                    out.work[r, w] += self.task_samples(w, task, batch) / batch
+                    if w in delivered:
+                        results[(task.job, task.kind, task.index, w)] = sum(
+                            c * parts[task.job][part] for part, c in self.task_parts(w, task))
+            schedule.observe(r, assignment, delivered)
+            t = r - self.T
+            if 0 <= t < jobs:
+                try:
+                    combo = schedule.combination(t)
+                except Undecodable:
+                    out.record(None)
+                    continue
+                out.record(r, sum(c * results[key] for key, c in combo.items()), parts[t].sum(0))
+        return out
+
+
+class GCScheme(_Scheme):
+    """Plain gradient coding (T = 0): job t runs in round t only, on n parts, and needs <= s
+    stragglers. ``GCScheme(n, 0)`` is uncoded data parallelism (wait for all).
+
+    Example::
+
+        >>> scheme = GCScheme(n=6, s=2)
+        >>> scheme.normalized_load, scheme.task_parts(4, Task(0, CODED, 0))
+        (0.5, [(3, 1.0), (4, 1.0), (5, 1.0)])
+    """
 
     def __init__(self, n: int, s: int, code: str = "auto", seed: int = 0):
-        self.n, self.s = n, s
         self.code = make_code(n, s, code, seed)
+        self.n, self.s = n, s
         self.T = 0
 
     @property
     def normalized_load(self) -> float:
         return (self.s + 1) / self.n
 
-    def simulate(self, pattern, jobs: int, dim: int = 4, seed: int = 0) -> Simulation:
-        p = np.asarray(pattern, dtype=bool)
-        rng = np.random.default_rng(seed)
-        out = Simulation(work=np.zeros((jobs, self.n)))
-        for t in range(jobs):
-            g = rng.standard_normal((self.n, dim))
-            alive = [i for i in range(self.n) if not p[t, i]]
-            out.work[t, :] = self.normalized_load
-            try:
-                out.record(t, decode_sum(self.code, alive, g), g.sum(0))
-            except Undecodable:
-                out.record(None)
-        return out
+    @property
+    def batch_unit(self) -> int:
+        return self.n
+
+    def part_sizes(self, batch: int) -> list[int]:
+        return [batch // self.n] * self.n
+
+    def task_parts(self, worker: int, task: Task) -> list[tuple[int, float]]:
+        return self._coded_parts(worker, 0, 0)
+
+    def _assign(self, schedule: Schedule, r: int) -> dict[int, list[Task]]:
+        return {w: [Task(r, CODED, 0)] for w in range(self.n)} if r < schedule.jobs else {}
+
+    def _combination(self, t: int, arrived) -> dict[tuple, float]:
+        return self._decode_group(t, 0, arrived)
 
 
-class SRSGC:
+class SRSGC(GCScheme):
     """Selective-repeat SGC: GC(n, s) with s = ceil(B lam / (W - 1 + B)), delay T = B, load (s+1)/n.
 
     Round r: every worker runs its GC task of job r, except that if job r - B has v > s missing
-    results, v - s of its missing workers (lowest index first) repeat their job-(r - B) task instead.
-    Job t is decoded at the end of round t + B from its results of rounds t and t + B.
+    results (and is not decodable already), v - s of its missing workers (lowest index first) repeat
+    their job-(r - B) task instead. Job t is decoded by the end of round t + B.
 
     Example::
 
@@ -98,9 +230,8 @@ class SRSGC:
         self.model = StragglerModel(B, W, lam)
         if (W - 1) % B:
             raise ValueError(f"SR-SGC needs B | (W - 1), got B={B}, W={W}")
-        self.n, self.B, self.W, self.lam = n, B, W, lam
-        self.s = min(n - 1, self.parameter_s(B, W, lam))
-        self.code = make_code(n, self.s, code, seed)
+        super().__init__(n, min(n - 1, self.parameter_s(B, W, lam)), code, seed)
+        self.B, self.W, self.lam = B, W, lam
         self.T = B
 
     @staticmethod
@@ -108,42 +239,17 @@ class SRSGC:
         """``s = ceil(B lam / (W - 1 + B))`` (Krishnan et al., Sec. 3)."""
         return math.ceil(B * lam / (W - 1 + B))
 
-    @property
-    def normalized_load(self) -> float:
-        return (self.s + 1) / self.n
-
-    def simulate(self, pattern, jobs: int, dim: int = 4, seed: int = 0) -> Simulation:
-        p = np.asarray(pattern, dtype=bool)
-        rounds = jobs + self.T
-        if p.shape[0] < rounds:
-            raise ValueError(f"pattern needs {rounds} rounds for {jobs} jobs, has {p.shape[0]}")
-        rng = np.random.default_rng(seed)
-        grads = [rng.standard_normal((self.n, dim)) for _ in range(jobs)]
-        arrived: list[set] = [set() for _ in range(jobs)]
-        out = Simulation(work=np.zeros((rounds, self.n)))
-        for r in range(rounds):
-            task = {i: r for i in range(self.n)} if r < jobs else {}
-            t_back = r - self.B
-            if 0 <= t_back < jobs:
-                missing = [i for i in range(self.n) if i not in arrived[t_back]]
-                for i in missing[: max(0, len(missing) - self.s)]:
-                    task[i] = t_back
-            for i, job in task.items():
-                out.work[r, i] = self.normalized_load
-                if not p[r, i]:
-                    arrived[job].add(i)
-            if 0 <= t_back < jobs:
-                self._decode(t_back, r, arrived, grads, out)
-        return out
-
-    def _decode(self, t, r, arrived, grads, out: Simulation) -> None:
-        try:
-            out.record(r, decode_sum(self.code, arrived[t], grads[t]), grads[t].sum(0))
-        except Undecodable:
-            out.record(None)
+    def _assign(self, schedule: Schedule, r: int) -> dict[int, list[Task]]:
+        tasks = super()._assign(schedule, r)
+        t_back = r - self.B
+        if 0 <= t_back < schedule.jobs and not schedule.ready(t_back):
+            missing = [w for w in range(self.n) if (t_back, CODED, 0, w) not in schedule.arrived]
+            for w in missing[: max(0, len(missing) - self.s)]:
+                tasks[w] = [Task(t_back, CODED, 0)]
+        return tasks
 
 
-class MSGC:
+class MSGC(_Scheme):
     """Multiplexed SGC: each job's data is split into an uncoded part D1 (each worker's piece in W-1
     chunks) and a coded part D2 (B groups, each GC-coded against lam stragglers). Every round each
     worker runs W - 1 + B equal mini-tasks, one per in-flight job t = r - m: slot m < W-1 is D1 chunk
@@ -151,11 +257,14 @@ class MSGC:
     job t, which it then redoes. Delay T = W - 2 + B; load
     (lam+1)(W-1+B) / (n (B + (W-1)(lam+1))) (lam < n).
 
+    Parts of a batch of N = n K u samples (K = B + (lam+1)(W-1)): n(W-1) D1 chunks of (lam+1)u
+    samples (worker i's chunk c is part i(W-1)+c), then B groups of n D2 parts of u samples.
+
     Example::
 
         >>> scheme = MSGC(n=8, B=1, W=3, lam=4)
-        >>> scheme.T, round(scheme.normalized_load * 8, 4)
-        (2, 1.3636)
+        >>> scheme.T, round(scheme.normalized_load * 8, 4), scheme.batch_unit
+        (2, 1.3636, 88)
     """
 
     def __init__(self, n: int, B: int, W: int, lam: int, code: str = "auto", seed: int = 0):
@@ -168,7 +277,6 @@ class MSGC:
         self.code = make_code(n, lam, code, seed)
         self.T = W - 2 + B
         self.d1_fraction = (lam + 1) * (W - 1) / (B + (lam + 1) * (W - 1))
-        self.task_size = self.d1_fraction / (n * (W - 1))  # = (lam+1)(1-x)/(nB): equal mini-tasks
 
     @staticmethod
     def load_formula(n: int, B: int, W: int, lam: int) -> float:
@@ -181,50 +289,46 @@ class MSGC:
     def normalized_load(self) -> float:
         return self.load_formula(self.n, self.B, self.W, self.lam)
 
-    def simulate(self, pattern, jobs: int, dim: int = 4, seed: int = 0) -> Simulation:
-        p = np.asarray(pattern, dtype=bool)
-        n, W, B = self.n, self.W, self.B
-        rounds = jobs + self.T
-        if p.shape[0] < rounds:
-            raise ValueError(f"pattern needs {rounds} rounds for {jobs} jobs, has {p.shape[0]}")
-        rng = np.random.default_rng(seed)
-        # job t: D1 chunk gradients (n workers x W-1 chunks) and D2 part gradients (B groups x n parts)
-        d1 = [rng.standard_normal((n, W - 1, dim)) for _ in range(jobs)]
-        d2 = [rng.standard_normal((B, n, dim)) for _ in range(jobs)]
-        d1_done = [np.zeros((n, W - 1), dtype=bool) for _ in range(jobs)]
-        d2_arrived = [[set() for _ in range(B)] for _ in range(jobs)]
-        out = Simulation(work=np.zeros((rounds, n)))
-        for r in range(rounds):
-            for i in range(n):
-                for m in range(W - 1 + B):
-                    t = r - m
-                    if not 0 <= t < jobs:
-                        continue
-                    out.work[r, i] += self.task_size
-                    if m < W - 1:
-                        chunk = m
-                    else:
-                        owed = np.flatnonzero(~d1_done[t][i])
-                        chunk = int(owed[0]) if len(owed) else None
-                    if p[r, i]:
-                        continue
-                    if chunk is not None:
-                        d1_done[t][i, chunk] = True
-                    else:
-                        d2_arrived[t][m - (W - 1)].add(i)
-            t = r - self.T
-            if 0 <= t < jobs:
-                self._decode(t, r, d1, d2, d1_done, d2_arrived, out)
-        return out
+    @property
+    def batch_unit(self) -> int:
+        return self.n * (self.B + (self.lam + 1) * (self.W - 1))
 
-    def _decode(self, t, r, d1, d2, d1_done, d2_arrived, out: Simulation) -> None:
-        if not d1_done[t].all():
-            out.record(None)
-            return
-        try:
-            total = d1[t].sum(axis=(0, 1)) + sum(decode_sum(self.code, d2_arrived[t][k], d2[t][k])
-                                                 for k in range(self.B))
-        except Undecodable:
-            out.record(None)
-            return
-        out.record(r, total, d1[t].sum(axis=(0, 1)) + d2[t].sum(axis=(0, 1)))
+    def part_sizes(self, batch: int) -> list[int]:
+        u = batch // self.batch_unit
+        return [(self.lam + 1) * u] * (self.n * (self.W - 1)) + [u] * (self.B * self.n)
+
+    def task_parts(self, worker: int, task: Task) -> list[tuple[int, float]]:
+        if task.kind == CHUNK:
+            return [(worker * (self.W - 1) + task.index, 1.0)]
+        return self._coded_parts(worker, task.index, self.n * (self.W - 1))
+
+    def _assign(self, schedule: Schedule, r: int) -> dict[int, list[Task]]:
+        W, B = self.W, self.B
+        tasks: dict[int, list[Task]] = {}
+        for w in range(self.n):
+            mine = []
+            for m in range(W - 1 + B):
+                t = r - m
+                if not 0 <= t < schedule.jobs:
+                    continue
+                if m < W - 1:
+                    mine.append(Task(t, CHUNK, m))
+                    continue
+                owed = [c for c in range(W - 1) if (t, CHUNK, c, w) not in schedule.arrived]
+                mine.append(Task(t, CHUNK, owed[0]) if owed else Task(t, CODED, m - (W - 1)))
+            if mine:
+                tasks[w] = mine
+        return tasks
+
+    def _combination(self, t: int, arrived) -> dict[tuple, float]:
+        combo = {}
+        for w in range(self.n):
+            for c in range(self.W - 1):
+                key = (t, CHUNK, c, w)
+                if key not in arrived:
+                    raise Undecodable(f"job {t}: worker {w}'s uncoded chunk {c} never arrived")
+                combo[key] = 1.0
+        for group in range(self.B):
+            combo.update(self._decode_group(t, group, arrived))
+        return combo
+

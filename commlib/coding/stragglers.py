@@ -63,6 +63,16 @@ class StragglerModel:
     def check(self, pattern) -> bool:
         return not self.violations(pattern)
 
+    def allows(self, history, stragglers) -> bool:
+        """Whether round r = len(history) may have straggler set ``stragglers`` after the rounds
+        ``history`` (a list of straggler sets), i.e. the windows ending at r still follow the model."""
+        r = len(history)
+        window = history[max(0, r - self.W + 1):]
+        if len(set(stragglers).union(*window)) > self.lam:
+            return False
+        early = history[max(0, r - self.W + 1): max(0, r - self.B + 1)]
+        return not any(i in rows for rows in early for i in stragglers)
+
     def sample(self, n: int, rounds: int, generator=None, start_probability: float = 0.15) -> np.ndarray:
         """A random pattern that follows the model: bursts start with ``start_probability`` per worker
         and round, last up to B rounds, and are kept only when the model allows them."""
