@@ -19,7 +19,7 @@ class WorkerError(RuntimeError):
     """A rank of a ``run_world`` world raised; the message holds every failing rank's traceback."""
 
 
-def _worker(fn, rank, world_size, store_path, backend, timeout_s, results, args, kwargs):
+def _worker(fn, rank, world_size, store_path, backend, timeout_s, results, args, kwargs, hard_exit=False):
     os.environ["COMMLIB_TEST_RANK"] = str(rank)
     torch.set_num_threads(1)
     try:
@@ -37,17 +37,24 @@ def _worker(fn, rank, world_size, store_path, backend, timeout_s, results, args,
     except BaseException:  # report everything, SystemExit included
         results.put((rank, "error", traceback.format_exc()))
     finally:
+        if hard_exit:  # threads may still sit in point-to-point receives: leave without C++ teardown
+            results.close()
+            results.join_thread()
+            os._exit(0)
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_world(fn, world_size: int = 2, *, timeout: float = 120.0, backend: str = "gloo", args=(), kwargs=None):
+def run_world(fn, world_size: int = 2, *, timeout: float = 120.0, backend: str = "gloo", args=(), kwargs=None,
+              may_die=(), hard_exit: bool = False):
     """Run ``fn(rank, world_size, *args, **kwargs)`` on a gloo world of forked processes.
 
     Returns the per-rank return values (in rank order). A rank that raises makes this raise
     ``WorkerError`` with all tracebacks; a world that does not finish within ``timeout`` seconds
     is killed and ``TimeoutError`` names the ranks that never reported. The process group's own
     timeout is ``timeout`` too, so a collective waiting on a dead peer errors rather than hangs.
+    Ranks in ``may_die`` may exit without reporting (their result is None); ``hard_exit`` ends each
+    rank with ``os._exit`` after it reported.
     """
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
@@ -56,7 +63,7 @@ def run_world(fn, world_size: int = 2, *, timeout: float = 120.0, backend: str =
         procs = [
             ctx.Process(
                 target=_worker,
-                args=(fn, rank, world_size, store, backend, timeout, results, args, kwargs or {}),
+                args=(fn, rank, world_size, store, backend, timeout, results, args, kwargs or {}, hard_exit),
                 daemon=True,
             )
             for rank in range(world_size)
@@ -68,7 +75,7 @@ def run_world(fn, world_size: int = 2, *, timeout: float = 120.0, backend: str =
         deadline = time.monotonic() + timeout
         reports: dict[int, tuple[str, object]] = {}
         try:
-            while len(reports) < world_size:
+            while len(reports) < world_size - sum(1 for r in may_die if procs[r].exitcode not in (None, 0)):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = sorted(set(range(world_size)) - set(reports))
@@ -77,21 +84,23 @@ def run_world(fn, world_size: int = 2, *, timeout: float = 120.0, backend: str =
                     rank, status, payload = results.get(timeout=min(left, 1.0))
                     reports[rank] = (status, payload)
                 except queue.Empty:
-                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in reports]
+                    dead = [r for r, p in enumerate(procs)
+                            if p.exitcode not in (None, 0) and r not in reports and r not in may_die]
                     if dead:
                         raise WorkerError(f"run_world: ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})")
                 if any(status == "error" for status, _ in reports.values()):
                     break  # do not wait for peers that may now block forever
         finally:
             for p in procs:
-                p.join(timeout=5 if len(reports) == world_size else 0.1)
+                p.join(timeout=5 if len(reports) >= world_size - len(may_die) else 0.1)
                 if p.is_alive():
                     p.kill()
                     p.join()
     errors = {r: payload for r, (status, payload) in reports.items() if status == "error"}
     if errors:
         raise WorkerError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
-    return [torch.load(io.BytesIO(reports[r][1]), weights_only=False) for r in range(world_size)]
+    return [torch.load(io.BytesIO(reports[r][1]), weights_only=False) if r in reports else None
+            for r in range(world_size)]
 
 
 @pytest.fixture

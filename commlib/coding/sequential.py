@@ -65,8 +65,8 @@ class Schedule:
 
     ``assign(r)`` -> {worker: [Task]}; ``observe(r, assignment, delivered)`` after round r closes;
     ``combination(t)`` -> {(job, kind, index, worker): coefficient} whose sum of coefficient x result
-    is job t's full gradient (raises :class:`Undecodable`); ``allows(r, stragglers)`` says whether
-    closing round r with these stragglers keeps the scheme's guarantee (the straggler model).
+    is job t's full gradient (raises :class:`Undecodable`); whether round r may close
+    with a straggler set is the scheme's ``model.allows(history, stragglers)`` (SR-SGC, M-SGC).
     """
 
     def __init__(self, scheme, jobs: int):
@@ -76,6 +76,7 @@ class Schedule:
         self.rounds = jobs + scheme.T
         self.arrived: set[tuple] = set()
         self.stragglers: list[set[int]] = []  # per closed round
+        self.decoded: set[int] = set()  # jobs whose books were dropped by forget()
 
     def assign(self, r: int) -> dict[int, list[Task]]:
         return self.scheme._assign(self, r)
@@ -95,18 +96,17 @@ class Schedule:
         return self.scheme._combination(t, arrived)
 
     def ready(self, t: int, extra=()) -> bool:
+        if t in self.decoded:
+            return True
         try:
             self.combination(t, extra)
         except Undecodable:
             return False
         return True
 
-    def allows(self, r: int, stragglers) -> bool:
-        model = getattr(self.scheme, "model", None)
-        return True if model is None else model.allows(self.stragglers[:r], set(stragglers))
-
     def forget(self, t: int) -> None:
-        """Drop job t's books once it is decoded."""
+        """Drop job t's books once it is decoded (it then counts as ready)."""
+        self.decoded.add(t)
         self.arrived = {key for key in self.arrived if key[0] != t}
 
 
