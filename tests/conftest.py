@@ -53,8 +53,9 @@ def run_world(fn, world_size: int = 2, *, timeout: float = 120.0, backend: str =
     ``WorkerError`` with all tracebacks; a world that does not finish within ``timeout`` seconds
     is killed and ``TimeoutError`` names the ranks that never reported. The process group's own
     timeout is ``timeout`` too, so a collective waiting on a dead peer errors rather than hangs.
-    Ranks in ``may_die`` may exit without reporting (their result is None); ``hard_exit`` ends each
-    rank with ``os._exit`` after it reported.
+    Ranks in ``may_die`` may die, hang or exit without reporting (their result is then None; they
+    are killed once the others reported); ``hard_exit`` ends each rank with ``os._exit`` after it
+    reported.
     """
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
@@ -75,7 +76,7 @@ def run_world(fn, world_size: int = 2, *, timeout: float = 120.0, backend: str =
         deadline = time.monotonic() + timeout
         reports: dict[int, tuple[str, object]] = {}
         try:
-            while len(reports) < world_size - sum(1 for r in may_die if procs[r].exitcode not in (None, 0)):
+            while not set(range(world_size)) - set(may_die) <= set(reports):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = sorted(set(range(world_size)) - set(reports))
@@ -91,8 +92,9 @@ def run_world(fn, world_size: int = 2, *, timeout: float = 120.0, backend: str =
                 if any(status == "error" for status, _ in reports.values()):
                     break  # do not wait for peers that may now block forever
         finally:
-            for p in procs:
-                p.join(timeout=5 if len(reports) >= world_size - len(may_die) else 0.1)
+            finished = set(range(world_size)) - set(may_die) <= set(reports)
+            for r, p in enumerate(procs):
+                p.join(timeout=5 if r in reports and finished else 0.1)
                 if p.is_alive():
                     p.kill()
                     p.join()

@@ -61,6 +61,9 @@ class StragglerFailure(RuntimeError):
         super().__init__(message)
         self.result = result
 
+    def __reduce__(self):
+        return type(self), (str(self), self.result)
+
 
 @contextlib.contextmanager
 def _threads(count: int):
@@ -243,8 +246,10 @@ def _parse_tasks(meta: np.ndarray, start: int, count: int, stride: int) -> list[
 
 class Worker:
     """Worker ``worker`` (0-based; its transport rank is ``worker + 1``): computes the mini-tasks of the
-    newest round it has (older rounds still queued are stale and skipped), sleeps the injected delay,
-    sends one message per round. ``compute_repeats > 1`` makes it a really slow process (it computes
+    newest round it has (older rounds still queued are stale and skipped), sleeps the injected delay
+    (the work's emulated duration, less the real compute time), sends one message per round. A new
+    message arriving while it works means the master closed the round: the worker abandons it, as
+    its result could only arrive late. ``compute_repeats > 1`` makes it a really slow process (it computes
     every result that many times); ``die_at_round`` makes it crash (``os._exit``) on receiving that
     round, for failure tests."""
 
@@ -258,7 +263,8 @@ class Worker:
         self.transport, self.scheme, self.problem, self.worker = transport, scheme, problem, worker
         self.delays, self.compute_repeats, self.die_at_round = delays, compute_repeats, die_at_round
         self.idle_timeout = idle_timeout
-        self.rounds_computed = self.rounds_skipped = 0
+        self.rounds_computed = self.rounds_skipped = self.rounds_abandoned = 0
+        self._held = None
 
     def run(self) -> dict:
         scheme, problem = self.scheme, self.problem
@@ -266,44 +272,63 @@ class Worker:
         module = problem.model(0)
         params: dict[int, torch.Tensor] = {}
         while True:
-            message = self._next()
-            if message is None:
-                break
-            latest = message
-            while (queued := self.transport.poll(0)) is not None:  # newer rounds make this one stale
-                if queued.kind != ROUND:
-                    latest = None
-                    break
-                self._absorb(latest, params)
+            message = self._next(self.idle_timeout)
+            while message is not None and (queued := self._next(0)) is not None:
+                self._absorb(message, params)  # a newer round is queued: this one is closed already
                 self.rounds_skipped += 1
-                latest = queued
-            if latest is None:
+                message = queued
+            if message is None or message.kind != ROUND:
                 break
-            r = self._absorb(latest, params)
+            r = self._absorb(message, params)
             if self.die_at_round is not None and r >= self.die_at_round:
                 os._exit(17)
-            tasks = _parse_tasks(latest.meta, 3, int(latest.meta[2]), 3)
-            if not tasks:
-                continue
-            vectors, meta, samples = [], [r, len(tasks)], 0
-            for task in tasks:
-                for _ in range(self.compute_repeats):
-                    vector = task_result(scheme, problem, module, self.worker, task, params[task.job], offsets)
-                vectors.append(vector)
-                size = scheme.task_samples(self.worker, task, problem.batch)
-                samples += size
-                meta += [task.job, _KIND_CODES[task.kind], task.index, size]
-            if self.delays is not None:
-                time.sleep(self.delays.seconds(self.worker, r, samples / problem.batch))
-            self.transport.post(0, RESULT, meta, np.concatenate(vectors))
-            self.rounds_computed += 1
+            tasks = _parse_tasks(message.meta, 3, int(message.meta[2]), 3)
+            if tasks and not self._compute_and_send(r, tasks, params, module, offsets):
+                self.rounds_abandoned += 1
         if hasattr(self.transport, "flush"):
             self.transport.flush()
-        return {"rounds_computed": self.rounds_computed, "rounds_skipped": self.rounds_skipped}
+        return {"rounds_computed": self.rounds_computed, "rounds_skipped": self.rounds_skipped,
+                "rounds_abandoned": self.rounds_abandoned}
 
-    def _next(self):
-        message = self.transport.poll(self.idle_timeout)
-        if message is None or message.kind in (STOP, FAILED):
+    def _compute_and_send(self, r, tasks, params, module, offsets) -> bool:
+        """Compute, sleep the injected delay, send; False when the master moved on meanwhile (a newer
+        message arrived: this round's result would only be dropped as late)."""
+        scheme, problem = self.scheme, self.problem
+        start = time.monotonic()
+        vectors, meta, samples = [], [r, len(tasks)], 0
+        for task in tasks:
+            for _ in range(self.compute_repeats):
+                vector = task_result(scheme, problem, module, self.worker, task, params[task.job], offsets)
+            vectors.append(vector)
+            size = scheme.task_samples(self.worker, task, problem.batch)
+            samples += size
+            meta += [task.job, _KIND_CODES[task.kind], task.index, size]
+            if self._interrupted(0.0):
+                return False
+        if self.delays is not None:
+            delay = self.delays.seconds(self.worker, r, samples / problem.batch) - (time.monotonic() - start)
+            if self._interrupted(delay):
+                return False
+        self.transport.post(0, RESULT, meta, np.concatenate(vectors))
+        self.rounds_computed += 1
+        return True
+
+    def _interrupted(self, seconds: float) -> bool:
+        """Wait up to ``seconds``; True when a message arrived meanwhile (held for the next round)."""
+        end = time.monotonic() + seconds
+        while self._held is None:
+            left = end - time.monotonic()
+            self._held = self.transport.poll(max(0.0, left))
+            if left <= 0:
+                break
+        return self._held is not None
+
+    def _next(self, timeout: float):
+        if self._held is not None:
+            message, self._held = self._held, None
+        else:
+            message = self.transport.poll(timeout)
+        if message is None or message.kind == FAILED:
             return None
         return message
 
@@ -498,3 +523,124 @@ class Master:
             schedule.forget(t)
             for key in [k for k in results if k[0] == t]:
                 del results[key]
+
+
+def make_scheme(name: str, n: int, *, s: int = 1, B: int = 1, W: int = 2, lam: int = 1, code: str = "auto"):
+    """``uncoded`` (GC with s = 0), ``gc`` (GC(n, s)), ``srsgc`` or ``msgc`` (from B, W, lam)."""
+    from commlib.coding.sequential import MSGC, SRSGC, GCScheme
+
+    if name == "uncoded":
+        return GCScheme(n, 0)
+    if name == "gc":
+        return GCScheme(n, s, code)
+    if name == "srsgc":
+        return SRSGC(n, B, W, lam, code)
+    if name == "msgc":
+        return MSGC(n, B, W, lam, code)
+    raise ValueError(f"scheme must be one of uncoded, gc, srsgc, msgc; got {name!r}")
+
+
+def parameters_digest(parameters) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for flat in parameters:
+        digest.update(flat.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m commlib.coding.runtime",
+                                description="Coded data-parallel training: rank 0 is the master, ranks 1..n the workers. "
+                                            "Launch with torchrun (gloo) or mpiexec (--transport mpi).")
+    p.add_argument("--scheme", default="msgc", choices=["uncoded", "gc", "srsgc", "msgc"])
+    p.add_argument("--s", type=int, default=1, help="stragglers tolerated by --scheme gc")
+    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--W", type=int, default=2)
+    p.add_argument("--lam", type=int, default=1)
+    p.add_argument("--code", default="auto", choices=["auto", "frc", "cyclic"])
+    p.add_argument("--jobs", type=int, default=30)
+    p.add_argument("--batch", type=int, default=0, help="samples per job (default: 2 x the scheme's unit)")
+    p.add_argument("--models", type=int, default=0, help="concurrent models (default: T + 1)")
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--mu", type=float, default=0.2, help="straggler deadline factor; < 0: wait for all")
+    p.add_argument("--dead-after", type=float, default=30.0)
+    p.add_argument("--job-seconds", type=float, default=0.0, help="injected seconds per full job of work")
+    p.add_argument("--jitter", type=float, default=0.1)
+    p.add_argument("--slowdown", type=float, default=5.0)
+    p.add_argument("--burst-probability", type=float, default=0.0,
+                   help="bursts sampled from StragglerModel(B, W, lam) (--burst-B/W/lam override)")
+    p.add_argument("--burst-B", type=int, default=0)
+    p.add_argument("--burst-W", type=int, default=0)
+    p.add_argument("--burst-lam", type=int, default=-1)
+    p.add_argument("--burst-rounds", type=int, default=0, help="rounds of the burst pattern (default: jobs + T)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transport", default="gloo", choices=["gloo", "mpi"])
+    return p
+
+
+def main(argv=None) -> int:
+    import datetime
+    import json
+    import sys
+
+    from commlib.coding.stragglers import StragglerModel
+
+    args = _parser().parse_args(argv)
+    if args.transport == "mpi":
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        rank, world = comm.Get_rank(), comm.Get_size()
+    else:
+        import torch.distributed as dist
+
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(hours=2))
+    n = world - 1
+    scheme = make_scheme(args.scheme, n, s=args.s, B=args.B, W=args.W, lam=args.lam, code=args.code)
+    batch = args.batch or 2 * scheme.batch_unit
+    problem = Problem.digits(hidden=args.hidden, models=args.models or scheme.T + 1, batch=batch, seed=args.seed)
+    if args.transport == "mpi":
+        from commlib.coding.transport import MPITransport
+
+        transport = MPITransport(comm, range(1, n + 1) if rank == 0 else [0])
+    else:
+        transport = transport_for(rank, n)
+    torch.set_num_threads(1)
+    code = 0
+    if rank == 0:
+        master = Master(transport, scheme, problem, args.jobs, mu=None if args.mu < 0 else args.mu,
+                        dead_after=args.dead_after, log=lambda text: print(text, file=sys.stderr, flush=True))
+        try:
+            result = master.run()
+        except StragglerFailure as failure:
+            result, code = failure.result, 3
+        summary = result.summary()
+        steady = result.work[scheme.T + 1: args.jobs] if args.jobs > scheme.T + 1 else result.work
+        summary.update(scheme=args.scheme, n=n, T=scheme.T, batch=batch, models=problem.models,
+                       formula_load=scheme.normalized_load, measured_load=float(steady.mean()),
+                       measured_load_max=float(steady.max()), round_seconds=result.round_seconds,
+                       stragglers=result.stragglers, digest=parameters_digest(result.parameters))
+        print("RESULT " + json.dumps(summary), flush=True)
+    else:
+        bursts = None
+        if args.burst_probability > 0:
+            model = StragglerModel(args.burst_B or args.B, args.burst_W or args.W,
+                                   args.burst_lam if args.burst_lam >= 0 else args.lam)
+            bursts = model.sample(n, args.burst_rounds or args.jobs + scheme.T, generator=args.seed,
+                                  start_probability=args.burst_probability)
+        delays = DelayProfile(args.job_seconds, jitter=args.jitter, slowdown=args.slowdown, bursts=bursts,
+                              seed=args.seed) if args.job_seconds > 0 else None
+        Worker(transport, scheme, problem, rank - 1, delays=delays).run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if args.transport == "gloo":
+        os._exit(code)  # receiving threads still sit in gloo recv: leave without C++ teardown
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
