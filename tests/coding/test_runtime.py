@@ -149,7 +149,7 @@ def test_bad_arguments_raise_value_errors():
 
 
 def _cli(launcher, *args):
-    cmd = launcher + [sys.executable, "-m", "commlib.coding.runtime", *args]
+    cmd = launcher + ["-m", "commlib.coding.runtime", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -160,7 +160,7 @@ def _cli(launcher, *args):
 @pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed (pip install -e .[mpi])")
 def test_mpiexec_and_torchrun_train_the_same_parameters_as_the_reference():
     args = ["--scheme", "msgc", "--jobs", "8", "--mu", "-1", "--B", "1", "--W", "2", "--lam", "1"]
-    mpi = _cli([MPIEXEC, "--allow-run-as-root", "--oversubscribe", "-n", "3"], *args, "--transport", "mpi")
+    mpi = _cli([MPIEXEC, "--allow-run-as-root", "--oversubscribe", "-n", "3", sys.executable], *args, "--transport", "mpi")
     torchrun = _cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"], *args)
     scheme = coding.MSGC(2, 1, 2, 1)
     reference = runtime.reference_training(scheme, runtime.Problem.digits(models=2, batch=mpi["batch"]), 8)
