@@ -556,7 +556,7 @@ def _parser():
                                 description="Coded data-parallel training: rank 0 is the master, ranks 1..n the workers. "
                                             "Launch with torchrun (gloo) or mpiexec (--transport mpi).")
     p.add_argument("--scheme", default="msgc", choices=["uncoded", "gc", "srsgc", "msgc"])
-    p.add_argument("--s", type=int, default=1, help="stragglers tolerated by --scheme gc")
+    p.add_argument("--tolerance", type=int, default=1, help="stragglers s tolerated by --scheme gc")
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--W", type=int, default=2)
     p.add_argument("--lam", type=int, default=1)
@@ -600,7 +600,7 @@ def main(argv=None) -> int:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(hours=2))
     n = world - 1
-    scheme = make_scheme(args.scheme, n, s=args.s, B=args.B, W=args.W, lam=args.lam, code=args.code)
+    scheme = make_scheme(args.scheme, n, s=args.tolerance, B=args.B, W=args.W, lam=args.lam, code=args.code)
     batch = args.batch or 2 * scheme.batch_unit
     problem = Problem.digits(hidden=args.hidden, models=args.models or scheme.T + 1, batch=batch, seed=args.seed)
     if args.transport == "mpi":
