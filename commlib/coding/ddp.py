@@ -10,7 +10,7 @@ What it can and cannot save: NCCL/gloo all-reduce waits for every rank, so insid
 contribution can only be *erased* (its coefficient is 0), not skipped in time: this form gives
 exactly the decoded gradient under a straggler pattern (for testing codes on a real model, and for
 ranks whose results are known to be bad), but no wall-clock saving. The wall-clock benefit needs the
-master/worker runtime with deadlines (not built yet).
+master/worker runtime with deadlines, :mod:`commlib.coding.runtime`.
 """
 
 from __future__ import annotations

@@ -132,6 +132,20 @@ def test_a_silent_worker_is_declared_dead_by_its_deadline_not_waited_for():
     assert result.wall_seconds < 30
 
 
+def test_a_really_slow_process_is_masked_and_its_late_work_dropped():
+    """No injected sleep: worker 0 really computes every result 100 times (a slow process)."""
+    scheme = coding.GCScheme(3, 1, code="cyclic")
+    jobs = 40
+    result, problem = train(scheme, jobs, master_kwargs={"mu": 1.0}, worker_kwargs={0: {"compute_repeats": 100}})
+    slow_rounds = sum(1 for row in result.stragglers if row == [0])
+    assert slow_rounds >= jobs // 2
+    # its results came too late: the master dropped them, or the worker saw the next round and gave up
+    assert result.late_results + train.workers[0]["rounds_abandoned"] >= 1
+    reference = runtime.reference_training(scheme, problem, jobs)
+    for got, want in zip(result.parameters, reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_arguments_raise_value_errors():
     problem = runtime.Problem.digits(models=1, batch=8)
     with pytest.raises(ValueError, match="models must be >= T \\+ 1"):
