@@ -41,6 +41,8 @@ QUICK = [
     ("torch PowerSGD", "torch_powersgd", ["--option", "rank=4"]),
     ("commlib fp16", "fp16", []),
     ("commlib PowerSGD", "powersgd", ["--option", "rank=1"]),
+    # PowerSGD sends KBs: one bucket means one P and one Q round per step instead of per 25 MB bucket
+    ("commlib PowerSGD", "powersgd", ["--option", "rank=1", "--bucket-cap-mb", "1000"]),
     ("commlib PowerSGD", "powersgd", ["--option", "rank=4"]),
     ("commlib EF top-k", "ef", ["--compressor", "TopK(density=0.01)"]),
     ("commlib EF QSGD", "ef", ["--compressor", "QSGD(bits=4)", "--option", "collective=two_phase"]),
@@ -77,7 +79,9 @@ def bandwidth_bytes_per_second(text: str) -> float:
 
 
 def setting_label(hook: str, extra: list[str]) -> str:
-    parts = [a for a in extra if not a.startswith("--")]
+    parts = []
+    for flag, value in zip(extra[::2], extra[1::2]):
+        parts.append(f"one {value} MB bucket" if flag == "--bucket-cap-mb" else value)
     return ", ".join(parts) if parts else "-"
 
 

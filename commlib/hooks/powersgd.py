@@ -47,6 +47,12 @@ class PowerSGDState(HookState):
         use_error_feedback, warm_start: as in PyTorch (default True).
         orthogonalization_epsilon: added to column norms in Gram-Schmidt (default 0).
         batch_tensors_with_same_shape: one ``bmm`` per group of same-shape matrices.
+        one_round_per_step: hold the step's buckets and run one P and one Q all-reduce for all of
+            them when the last bucket arrives (default True). PowerSGD's payload is KBs, so a
+            round costs its synchronisation, not its bytes: with DDP's default 25 MB buckets a
+            25M-parameter model makes 4 buckets, i.e. 8 synchronisations per step instead of 2
+            (measured: 2.57x -> 3.20x dense throughput, see the README). False: per bucket, as
+            PyTorch's hook does (compression then overlaps the rest of the backward pass).
 
     Example::
 
@@ -58,12 +64,14 @@ class PowerSGDState(HookState):
 
     def __init__(self, process_group=None, matrix_approximation_rank: int = 1, *, rank: int | None = None,
                  min_compression_rate: float = 2.0, use_error_feedback: bool = True, warm_start: bool = True,
-                 orthogonalization_epsilon: float = 0.0, batch_tensors_with_same_shape: bool = False, **kwargs):
+                 orthogonalization_epsilon: float = 0.0, batch_tensors_with_same_shape: bool = False,
+                 one_round_per_step: bool = True, **kwargs):
         self.matrix_approximation_rank = require_int("rank", rank if rank is not None else matrix_approximation_rank, 1)
         if not isinstance(min_compression_rate, (int, float)) or min_compression_rate < 0:
             raise ValueError(f"min_compression_rate must be a number >= 0, got {min_compression_rate!r}")
         for flag, value in [("use_error_feedback", use_error_feedback), ("warm_start", warm_start),
-                            ("batch_tensors_with_same_shape", batch_tensors_with_same_shape)]:
+                            ("batch_tensors_with_same_shape", batch_tensors_with_same_shape),
+                            ("one_round_per_step", one_round_per_step)]:
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be True or False, got {value!r}")
         if not isinstance(orthogonalization_epsilon, (int, float)) or orthogonalization_epsilon < 0:
@@ -73,6 +81,7 @@ class PowerSGDState(HookState):
         self.warm_start = warm_start
         self.orthogonalization_epsilon = float(orthogonalization_epsilon)
         self.batch_tensors_with_same_shape = batch_tensors_with_same_shape
+        self.one_round_per_step = one_round_per_step
         self.residuals: dict[str, torch.Tensor] = {}
         self._scratch: dict[str, torch.Tensor] = {}  # second residual buffer: M = G + E lands here
         self.q_memory: dict[str, torch.Tensor] = {}

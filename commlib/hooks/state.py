@@ -85,6 +85,7 @@ class HookState:
         self.skipped_steps = 0  # steps whose aggregated gradient was non-finite
         self._last_skipped_step = -1
         self.per_layer: dict[str, dict] = {}
+        self._held_buckets: list = []  # (buffer, views, Future) of the step so far (one_round_per_step)
 
     # ------------------------------------------------------------------ DDP entry point
     def run(self, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -96,9 +97,38 @@ class HookState:
         views = self.param_views(bucket)
         if step < self.start_iter:
             job = self._dense_job(buffer, views)
+        elif getattr(self, "one_round_per_step", False):
+            return self._aggregated(buffer, views, step, is_last)
         else:
             job = self.compressed_job(buffer, views, step, bucket.index())
         return self.queue.submit(self._with_books(job, views, step, is_last))
+
+    def _aggregated(self, buffer: torch.Tensor, views: list[ParamView], step: int, is_last: bool):
+        """Hold the step's buckets and reduce them all in one job when the last one arrives: one
+        set of collectives per step instead of per bucket (for hooks whose payload is tiny, where
+        the per-round synchronisation, not the bytes, costs the time). Each bucket's Future
+        completes with its own buffer once that job is done; DDP waits for them all anyway."""
+        fut: torch.futures.Future = torch.futures.Future()
+        self._held_buckets.append((buffer, views, fut))
+        if not is_last:
+            return fut
+        held, self._held_buckets = self._held_buckets, []
+        all_views = [v for _, bucket_views, _ in held for v in bucket_views]
+        job = self.compressed_job(None, all_views, step, -1)
+        done = self.queue.submit(self._with_books(job, all_views, step, True))
+
+        def release(result: torch.futures.Future) -> None:
+            try:
+                result.wait()
+            except BaseException as exc:  # every bucket's backward() sees the failure
+                for _, _, pending in held:
+                    pending.set_exception(exc)
+                return
+            for held_buffer, _, pending in held:
+                pending.set_result(held_buffer)
+
+        done.add_done_callback(release)
+        return fut
 
     def _with_books(self, job, views: list[ParamView], step: int, is_last: bool):
         def run(comm: Comm):

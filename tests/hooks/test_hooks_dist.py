@@ -25,6 +25,7 @@ HOOKS = [
     ("ef", {"compressor": ("Cast", {"dtype": torch.bfloat16})}),
     ("powersgd", {"rank": 2}),
     ("powersgd", {"rank": 4, "batch_tensors_with_same_shape": True}),
+    ("powersgd", {"rank": 2, "one_round_per_step": False}),
     ("lgreco", {"family": "powersgd", "rank": 2, "retune_every": 4, "accumulate_steps": 2}),
     ("lgreco", {"family": "topk", "density": 0.05, "retune_every": 4, "accumulate_steps": 2}),
     ("lgreco", {"family": "qsgd", "bits": 4, "bucket_size": 64, "retune_every": 4, "accumulate_steps": 2}),
@@ -177,6 +178,18 @@ def test_powersgd_matches_pytorch_hook_on_one_bucket(rank_r):
     # and the compressed steps really differ from plain averaging
     plain = run_world(train, 2, kwargs=dict(steps=12, ddp_kwargs={"bucket_cap_mb": 25}))
     assert not torch.allclose(plain[0]["params"], out[0]["commlib"], rtol=1e-4, atol=1e-5)
+
+
+def test_powersgd_one_round_per_step_equals_per_bucket_rounds():
+    """Holding the buckets for one P and one Q round per step changes when, not what, is reduced."""
+    runs = {}
+    for flag in (True, False):
+        options = {"rank": 2, "one_round_per_step": flag}
+        runs[flag] = run_world(train, 2, kwargs=dict(hook="powersgd", options=options, steps=15,
+                                                     ddp_kwargs=SMALL_BUCKETS))
+    assert torch.equal(runs[True][0]["params"], runs[False][0]["params"])
+    assert torch.equal(runs[True][0]["params"], runs[True][1]["params"])
+    assert runs[True][0]["stats"]["total_bytes_sent"] == runs[False][0]["stats"]["total_bytes_sent"]
 
 
 # ------------------------------------------------------------------------------------------------
