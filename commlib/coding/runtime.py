@@ -42,7 +42,7 @@ from commlib.coding.codes import Undecodable
 from commlib.coding.sequential import CHUNK, CODED, Task
 from commlib.coding.transport import FAILED
 
-ROUND, RESULT, STOP = 1, 2, 3
+ROUND, RESULT, STOP, HELLO = 1, 2, 3, 4
 _KIND_CODES = {CODED: 0, CHUNK: 1}
 _KINDS = {v: k for k, v in _KIND_CODES.items()}
 
@@ -271,6 +271,7 @@ class Worker:
         offsets = part_offsets(scheme, problem.batch)
         module = problem.model(0)
         params: dict[int, torch.Tensor] = {}
+        self.transport.post(0, HELLO, [self.worker])  # ready: the master's silence clock starts now
         while True:
             message = self._next(self.idle_timeout)
             while message is not None and (queued := self._next(0)) is not None:
@@ -369,23 +370,26 @@ class Master:
 
     ``mu``: a round closes once ``(1 + mu) x`` the first result's time has passed and the missing
     workers are tolerable; ``mu=None`` waits for every live worker (no straggler is ever declared).
-    ``dead_after``: seconds of silence after which a worker is declared dead.
+    ``dead_after``: seconds of silence after which a worker is declared dead; the clock starts
+    when the worker reports ready (``startup_timeout`` bounds the wait for that, default 300 s).
     """
 
     def __init__(self, transport, scheme, problem: Problem, jobs: int, *, mu: float | None = 0.2,
-                 dead_after: float = 30.0, log=None):
+                 dead_after: float = 30.0, startup_timeout: float = 300.0, log=None):
         if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
             raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
         if mu is not None and not mu >= 0:
             raise ValueError(f"mu must be >= 0 or None, got {mu!r}")
         if not dead_after > 0:
             raise ValueError(f"dead_after must be > 0 seconds, got {dead_after!r}")
+        if not startup_timeout > 0:
+            raise ValueError(f"startup_timeout must be > 0 seconds, got {startup_timeout!r}")
         if problem.models < scheme.T + 1:
             raise ValueError(f"problem.models must be >= T + 1 = {scheme.T + 1} for this scheme, so that a "
                              f"model's next job starts after its previous one is decoded; got {problem.models}")
         scheme.check_batch(problem.batch)
         self.transport, self.scheme, self.problem, self.jobs = transport, scheme, problem, jobs
-        self.mu, self.dead_after, self.log = mu, dead_after, log
+        self.mu, self.dead_after, self.startup_timeout, self.log = mu, dead_after, startup_timeout, log
 
     def _say(self, text: str) -> None:
         if self.log is not None:
@@ -399,7 +403,7 @@ class Master:
         out = RunResult(work=np.zeros((schedule.rounds, n)), decoded_round=[None] * self.jobs)
         results: dict[tuple, np.ndarray] = {}
         pending = list(range(self.jobs))
-        last_seen = {w: time.monotonic() for w in range(n)}
+        last_seen = self._await_workers(out)
         begin = time.monotonic()
         try:
             for r in range(schedule.rounds):
@@ -427,6 +431,25 @@ class Master:
             out.parameters = [nn.utils.parameters_to_vector(m.parameters()).detach() for m in modules]
             out.held_out_loss = [problem.held_out_loss(m) for m in modules]
         return out
+
+    def _await_workers(self, out: RunResult) -> dict[int, float]:
+        """Wait (bounded) until every worker said it is ready; returns when each was last heard."""
+        n = self.scheme.n
+        last_seen: dict[int, float] = {}
+        end = time.monotonic() + self.startup_timeout
+        while len(last_seen) + len(out.dead) < n:
+            message = self.transport.poll(max(0.0, end - time.monotonic()))
+            if message is None:
+                for w in sorted(set(range(n)) - last_seen.keys() - out.dead.keys()):
+                    self._declare_dead(w, 0, f"not ready after {self.startup_timeout:.0f} s", out)
+                break
+            w = message.src - 1
+            if message.kind == FAILED and w not in last_seen:
+                self._declare_dead(w, 0, "connection lost before start: " + message.error.splitlines()[0][:120], out)
+            elif message.kind == HELLO:
+                last_seen[w] = time.monotonic()
+        now = time.monotonic()
+        return {w: last_seen.get(w, now) for w in range(n)}
 
     def _send_round(self, r, assignment, modules, out: RunResult) -> None:
         new_job = r if r < self.jobs else -1
@@ -460,12 +483,14 @@ class Master:
                 if self._tolerable(r, schedule, assignment, expect, arrived, due, out):
                     break
                 waited = True
+            # silent: nothing heard since this round's work was sent or since its last message
+            heard = {w: max(last_seen[w], start) for w in missing}
             for w in sorted(missing):
-                if now - last_seen[w] > self.dead_after:
-                    self._declare_dead(w, r, f"silent for {now - last_seen[w]:.1f} s", out)
+                if now - heard[w] > self.dead_after:
+                    self._declare_dead(w, r, f"silent for {now - heard[w]:.1f} s", out)
             if missing - out.dead.keys() != missing:
                 continue
-            horizon = min(last_seen[w] + self.dead_after for w in missing) - now
+            horizon = min(heard[w] + self.dead_after for w in missing) - now
             if deadline is not None and deadline > now:
                 horizon = min(horizon, deadline - now)
             message = self.transport.poll(max(0.0, horizon) + 1e-3)

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -28,7 +29,10 @@ def _train(rank, world, scheme, jobs, batch, models, master_kwargs, worker_kwarg
             return master.run()
         except runtime.StragglerFailure as failure:
             return failure
-    kwargs = worker_kwargs.get(rank - 1, {})
+    kwargs = dict(worker_kwargs.get(rank - 1, {}))
+    if kwargs.pop("absent", False):
+        time.sleep(60)  # alive, connected, but never starts working
+        return None
     return runtime.Worker(transport, scheme, problem, rank - 1, **kwargs).run()
 
 
@@ -125,11 +129,21 @@ def test_a_silent_worker_is_declared_dead_by_its_deadline_not_waited_for():
     frozen = np.zeros((20, 3), dtype=int)
     frozen[3:, 0] = 1  # worker 0 sleeps 10,000 x its work from round 3 on: alive but silent
     delays = runtime.DelayProfile(1.0, jitter=0.0, slowdown=10_000.0, bursts=frozen)
-    result, _ = train(scheme, 8, master_kwargs={"mu": None, "dead_after": 1.5},
+    result, _ = train(scheme, 8, master_kwargs={"mu": None, "dead_after": 3.0},
                       worker_kwargs={0: {"delays": delays}}, may_die=(1,))
+    assert isinstance(result, runtime.RunResult), result
     assert 0 in result.dead and "silent" in result.dead[0][1]
     assert result.failure is None and all(r is not None for r in result.decoded_round)
     assert result.wall_seconds < 30
+
+
+def test_a_worker_that_never_starts_is_declared_dead_at_startup():
+    scheme = coding.GCScheme(3, 1, code="cyclic")
+    result, _ = train(scheme, 6, master_kwargs={"mu": None, "startup_timeout": 3.0},
+                      worker_kwargs={1: {"absent": True}}, may_die=(2,))
+    assert isinstance(result, runtime.RunResult), result
+    assert result.dead == {1: (0, "not ready after 3 s")}
+    assert all(r == t for t, r in enumerate(result.decoded_round))
 
 
 def test_a_really_slow_process_is_masked_and_its_late_work_dropped():
@@ -154,6 +168,8 @@ def test_bad_arguments_raise_value_errors():
         runtime.Master(None, coding.MSGC(2, 1, 2, 1), runtime.Problem.digits(models=2, batch=8), 4)
     with pytest.raises(ValueError, match="mu must"):
         runtime.Master(None, coding.GCScheme(2, 1), problem, 4, mu=-1.0)
+    with pytest.raises(ValueError, match="startup_timeout must"):
+        runtime.Master(None, coding.GCScheme(2, 1), problem, 4, startup_timeout=0)
     with pytest.raises(ValueError, match="jobs must"):
         runtime.Master(None, coding.GCScheme(2, 1), problem, 0)
     with pytest.raises(ValueError, match="slowdown must"):
