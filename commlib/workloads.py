@@ -332,12 +332,9 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from commlib.launch.mpi import leave
+
     main()
-    # Leave without running C++ static destructors: on the emulated cluster a worker intermittently
-    # aborted *after* finishing ("terminate called without an active exception" while gloo's threads
-    # were torn down), which turned completed runs into failures. Everything is flushed first; errors
-    # before this point still raise and exit non-zero. Under mpiexec the normal exit runs MPI_Finalize.
-    if "OMPI_COMM_WORLD_SIZE" not in os.environ and "PMI_SIZE" not in os.environ:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    # Errors above still raise and exit non-zero; a completed run leaves without C++ teardown (an
+    # intermittent abort at exit turned finished runs into failures), finalizing MPI under mpiexec.
+    leave(0)

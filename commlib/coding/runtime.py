@@ -660,11 +660,9 @@ def main(argv=None) -> int:
         delays = DelayProfile(args.job_seconds, jitter=args.jitter, slowdown=args.slowdown, bursts=bursts,
                               seed=args.seed) if args.job_seconds > 0 else None
         Worker(transport, scheme, problem, rank - 1, delays=delays).run()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if args.transport == "gloo":
-        os._exit(code)  # receiving threads still sit in gloo recv: leave without C++ teardown
-    return code
+    from commlib.launch.mpi import leave
+
+    leave(code)  # receiving threads may still sit in gloo recv: leave without C++ teardown
 
 
 if __name__ == "__main__":

@@ -72,6 +72,20 @@ def mpi_environment() -> dict[str, str]:
     return torch_environment(rank, world, local_rank, local_world, master_addr, master_port)
 
 
+def leave(code: int = 0) -> None:
+    """End the process without C++ teardown: flush, finalize MPI if mpi4py started it, ``os._exit``.
+
+    A finished worker could abort at interpreter exit ("terminate called without an active
+    exception") while torch's and gloo's background threads were torn down, turning a completed
+    run into a failure; finalizing MPI first keeps mpiexec content."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
