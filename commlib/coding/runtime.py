@@ -444,7 +444,8 @@ class Master:
                     self._declare_dead(w, 0, f"not ready after {self.startup_timeout:.0f} s", out)
                 break
             w = message.src - 1
-            if message.kind == FAILED and w not in last_seen:
+            if message.kind == FAILED:  # before or after its hello: it will not work
+                last_seen.pop(w, None)
                 self._declare_dead(w, 0, "connection lost before start: " + message.error.splitlines()[0][:120], out)
             elif message.kind == HELLO:
                 last_seen[w] = time.monotonic()
@@ -606,7 +607,8 @@ def _parser():
     return p
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
+    """The CLI; ends the process (exit status 3 when the run stopped with a StragglerFailure)."""
     import datetime
     import json
     import sys
@@ -666,4 +668,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -51,7 +51,7 @@ class PowerSGDState(HookState):
             them when the last bucket arrives (default True). PowerSGD's payload is KBs, so a
             round costs its synchronisation, not its bytes: with DDP's default 25 MB buckets a
             25M-parameter model makes 4 buckets, i.e. 8 synchronisations per step instead of 2
-            (measured: 2.57x -> 3.20x dense throughput, see the README). False: per bucket, as
+            (the README's throughput section has the measurements). False: per bucket, as
             PyTorch's hook does (compression then overlaps the rest of the backward pass).
 
     Example::

@@ -56,6 +56,9 @@ class HookState:
 
     name = "base"
     stateful = True
+    # True: hold a step's buckets and run one compressed_job(None, all views, step, -1) when the
+    # last one arrives (for hooks whose job works on the views alone, not on the bucket buffer)
+    one_round_per_step = False
 
     def __init__(self, process_group=None, *, model=None, start_iter: int = 2, seed: int = 0,
                  timeout: float | None = None):
@@ -97,7 +100,7 @@ class HookState:
         views = self.param_views(bucket)
         if step < self.start_iter:
             job = self._dense_job(buffer, views)
-        elif getattr(self, "one_round_per_step", False):
+        elif self.one_round_per_step:
             return self._aggregated(buffer, views, step, is_last)
         else:
             job = self.compressed_job(buffer, views, step, bucket.index())
