@@ -121,7 +121,10 @@ class CyclicRepetition(GradientCode):
     """Cyclic repetition (Tandon et al., Alg. 2): worker i holds parts i..i+s (mod n); any n - s decode.
 
     The random construction is drawn from ``seed``; among ``tries`` draws the one whose worst
-    straggler pattern (all of them for small n, a sample otherwise) is best conditioned is kept.
+    straggler pattern (all of them when there are at most 400, a sample otherwise) is best
+    conditioned is kept. The sample shrinks as n^-3 beyond n = 32 (each check is an SVD of an
+    (n - s) x n matrix), so n = 256 builds in well under a second; patterns are never enumerated
+    when there are more than 400 (C(256, 16) is ~10^25).
 
     Example::
 
@@ -134,9 +137,11 @@ class CyclicRepetition(GradientCode):
     def __init__(self, n: int, s: int, seed: int = 0, tries: int = 8):
         _check_ns(n, s)
         rng = np.random.default_rng(seed)
-        patterns = list(itertools.combinations(range(n), s))
-        if len(patterns) > 400:
-            patterns = [tuple(rng.choice(n, s, replace=False)) for _ in range(400)]
+        if math.comb(n, s) <= 400:
+            patterns = list(itertools.combinations(range(n), s))
+        else:
+            samples = max(4, min(400, int(400 * (32 / n) ** 3)))
+            patterns = [tuple(rng.choice(n, s, replace=False)) for _ in range(samples)]
         best, best_cond = None, math.inf
         for _ in range(max(1, tries)):
             candidate = cyclic_matrix(n, s, rng)

@@ -52,14 +52,24 @@ class GradientCodingState:
         if not isinstance(code, GradientCode):
             raise ValueError(f"code must be a commlib.coding gradient code, got {code!r}")
         self.group = process_group
-        world = dist.get_world_size(process_group)
-        if code.n != world:
-            raise ValueError(f"code.n ({code.n}) must equal the world size ({world})")
         self.code = code
-        self.rank = dist.get_rank(process_group)
+        self.rank = None  # bound at the first hook call (or bind()): the state can be built before init
+        if dist.is_available() and dist.is_initialized():
+            self.bind()
         self.stragglers = stragglers
         self.step = 0
         self.total_bytes_sent = 0  # dense: the coded gradient is as large as the gradient
+
+    def bind(self) -> GradientCodingState:
+        if self.rank is None:
+            world = dist.get_world_size(self.group)
+            if self.code.n != world:
+                raise ValueError(f"code.n ({self.code.n}) must equal the world size ({world})")
+            self.rank = dist.get_rank(self.group)
+        return self
+
+    def close(self) -> None:
+        """Nothing to release: the state issues its all-reduce on the user's group."""
 
     def stragglers_at(self, step: int) -> set[int]:
         if self.stragglers is None:
@@ -75,6 +85,7 @@ class GradientCodingState:
         return float(a[self.rank])
 
     def run(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        self.bind()
         step = self.step
         if bucket.is_last():
             self.step += 1

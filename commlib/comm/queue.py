@@ -94,6 +94,7 @@ class OrderedQueue:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def world_size(self) -> int:
@@ -106,6 +107,8 @@ class OrderedQueue:
     def submit(self, job: Callable[[Comm], object]) -> torch.futures.Future:
         """Queue ``job``; the returned Future holds its result or its exception."""
         fut: torch.futures.Future = torch.futures.Future()
+        if self._closed:
+            raise RuntimeError("this hook state was closed")
         self._ensure_thread()
         self._jobs.put((job, fut))
         return fut
@@ -116,9 +119,22 @@ class OrderedQueue:
                 self._thread = threading.Thread(target=self._work, name="commlib-ordered-queue", daemon=True)
                 self._thread.start()
 
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the queued jobs, stop the thread and destroy the private group (idempotent)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            closing, self._closed = not self._closed, True
+        if thread is not None and thread.is_alive():
+            self._jobs.put((None, None))
+            thread.join(timeout)
+        if closing and dist.is_initialized():
+            dist.destroy_process_group(self.group)
+
     def _work(self) -> None:
         while True:
             job, fut = self._jobs.get()
+            if job is None:  # close()
+                return
             try:
                 result = job(self.comm)
             except BaseException as exc:  # delivered to the waiting backward()

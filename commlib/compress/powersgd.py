@@ -25,13 +25,15 @@ def effective_rank(shape, rank: int) -> int:
 def gram_schmidt_(matrices: torch.Tensor, epsilon: float = 0.0) -> torch.Tensor:
     """Orthonormalise the columns of a batch ``(b, n, r)`` in place (modified Gram-Schmidt).
 
-    Same operations as PyTorch's PowerSGD hook, so the two agree numerically. With ``epsilon`` 0
-    an all-zero column divides 0 by 0; pass a small epsilon when whole layers can vanish.
+    Same operations as PyTorch's PowerSGD hook, so the two agree numerically, except that an
+    all-zero column stays zero (PyTorch's divides 0 by 0: a layer whose gradient is exactly zero
+    then turns every rank's gradients into NaN). Zero in, zero out; NaN and inf still propagate.
     """
     for i in range(matrices.shape[2]):
         col = matrices[:, :, i : i + 1]
         if epsilon == 0:
-            col /= torch.norm(col, dim=1, keepdim=True)
+            norm = torch.norm(col, dim=1, keepdim=True)
+            col /= torch.where(norm > 0, norm, torch.ones_like(norm))
         else:
             col /= torch.norm(col, dim=1, keepdim=True) + epsilon
         if i + 1 < matrices.shape[2]:

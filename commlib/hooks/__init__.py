@@ -23,7 +23,7 @@ from commlib.hooks.ef21_theory import (
 )
 from commlib.hooks.lgreco import LGreCoEFState, LGreCoPowerSGDState, make_lgreco
 from commlib.hooks.powersgd import PowerSGDState
-from commlib.hooks.state import HookState
+from commlib.hooks.state import HookState, gather_state_dict
 
 
 def commlib_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -81,4 +81,4 @@ def make(name: str, process_group=None, **options):
 __all__ = ["AGVMState", "AllreduceState", "CastState", "DPErrorFeedbackState", "EF21State", "EF21WState", "ErrorFeedbackState", "HookState", "LGreCoEFState", "LGreCoPowerSGDState",
            "PowerSGDState", "commlib_hook",
            "compressor_alpha", "ef21_stepsize", "ef21_stepsize_from_smoothness", "ef21_theta_beta",
-           "ef21w_stepsize", "ef21w_weights", "make", "names", "param_groups_by_module", "propose_groups", "register"]
+           "ef21w_stepsize", "ef21w_weights", "gather_state_dict", "make", "names", "param_groups_by_module", "propose_groups", "register"]

@@ -13,7 +13,7 @@ from torch import nn
 
 from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm, OrderedQueue
-from commlib.hooks.state import strip_ddp_prefix
+from commlib.hooks.state import HookState, strip_ddp_prefix
 
 ESTIMATORS = ("halves", "scalar")
 
@@ -151,6 +151,7 @@ class AGVMState:
         groups = groups if groups is not None else propose_groups(model)
         self.group_of = assign_groups(model, groups, strict)
         self.group_names = group_order(groups)
+        self.model = model
         self._param_names = {id(p): strip_ddp_prefix(n) for n, p in model.named_parameters()}
         options = dict(inner_options or {})
         options.setdefault("model", model)
@@ -159,14 +160,9 @@ class AGVMState:
         self.estimator = estimator
         self.use_adam = use_adam
         self.optimizer = optimizer
-        self.queue = OrderedQueue(process_group, datetime.timedelta(seconds=timeout) if timeout else None)
-        self.world_size, self.rank = self.queue.world_size, self.queue.rank
-        ranks = dist.get_process_group_ranks(self.queue.group)
-        half = max(1, self.world_size // 2)
-        self.half_ranks = (ranks[:half], ranks[half:])
-        self.half_groups = [dist.new_group(ranks=r, backend=dist.get_backend(self.queue.group)) if r else None
-                            for r in self.half_ranks]
-        self.my_half = 0 if self.rank < half else 1
+        self.process_group, self.timeout = process_group, timeout
+        self.queue = None  # bound at the first hook call (or bind()): the state can be built before init
+        self.closed = False
         self.mu = torch.ones(len(self.group_names), dtype=torch.float64)
         self.step = 0
         self.history: list[dict] = []  # {"step", "phi": [...], "mu_new": [...], "mu": [...]}
@@ -175,12 +171,51 @@ class AGVMState:
         self._pending = torch.zeros(len(self.group_names), 3, dtype=torch.float64)
         self._step_bytes = 0
 
+    # ------------------------------------------------------------------ binding and lifetime
+    def bind(self) -> AGVMState:
+        """Create AGVM's process groups and queue, and bind the inner state (idempotent)."""
+        if self.closed:
+            raise RuntimeError("AGVMState was closed; build a new state")
+        if self.queue is None:
+            self.queue = OrderedQueue(self.process_group,
+                                      datetime.timedelta(seconds=self.timeout) if self.timeout else None)
+            self.world_size, self.rank = self.queue.world_size, self.queue.rank
+            ranks = dist.get_process_group_ranks(self.queue.group)
+            half = max(1, self.world_size // 2)
+            self.half_ranks = (ranks[:half], ranks[half:])
+            self.half_groups = [dist.new_group(ranks=r, backend=dist.get_backend(self.queue.group)) if r else None
+                                for r in self.half_ranks]
+            self.my_half = 0 if self.rank < half else 1
+            self._param_names = {id(p): strip_ddp_prefix(n) for n, p in self.model.named_parameters()}
+            if hasattr(self.inner_state, "bind"):
+                self.inner_state.bind()
+        return self
+
+    def close(self) -> None:
+        """Stop the threads and destroy the process groups of AGVM and its inner state."""
+        if self.queue is not None:
+            self.queue.close()
+            for group in self.half_groups:
+                if group is not None and dist.is_initialized():
+                    dist.destroy_process_group(group)
+            self.queue = None
+        if hasattr(self.inner_state, "close"):
+            self.inner_state.close()
+        self.closed = True
+
+    def __enter__(self) -> AGVMState:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ DDP entry point
     def estimating(self, step: int) -> bool:
         return (self.world_size > 1 and len(self.group_names) > 1 and step >= self.start_iter
                 and (step - self.start_iter) % self.tau == 0)
 
     def run(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        self.bind()
         step, is_last = self.step, bucket.is_last()
         if is_last:
             self.step += 1
@@ -310,7 +345,7 @@ class AGVMState:
                 "extra_bytes_total": self.extra_bytes_total,
                 "inner": self.inner_state.state_dict() if hasattr(self.inner_state, "state_dict") else {}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, on_mismatch: str = "error") -> None:
         if state.get("method") != "agvm":
             raise ValueError(f"state_dict is for hook {state.get('method')!r}, not 'agvm'")
         self.step = int(state["step"])
@@ -318,10 +353,18 @@ class AGVMState:
         self.history = list(state["history"])
         self.extra_bytes_total = int(state["extra_bytes_total"])
         if state["inner"]:
-            self.inner_state.load_state_dict(state["inner"])
+            if isinstance(self.inner_state, HookState):
+                self.inner_state.load_state_dict(state["inner"], on_mismatch=on_mismatch)
+            else:
+                self.inner_state.load_state_dict(state["inner"])
 
     def __getstate__(self):
-        raise TypeError("AGVMState holds process groups and a worker thread; save state.state_dict() instead")
+        if self.queue is not None:
+            raise TypeError("AGVMState is bound to process groups and a worker thread; pickle it before its first "
+                            "use, or save state.state_dict()")
+        state = dict(self.__dict__)
+        state["_param_names"] = {}  # object ids mean nothing in another process
+        return state
 
 
 def agvm_hook(state: AGVMState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -30,6 +30,12 @@ class DPErrorFeedbackState:
     def __init__(self, process_group=None, *, model=None):
         self.step = 0  # ``model`` is accepted (and unused) so every hook takes the same common options
 
+    def bind(self) -> DPErrorFeedbackState:
+        return self
+
+    def close(self) -> None:
+        """Nothing to release: the hook issues no collective."""
+
     def run(self, bucket: dist.GradBucket) -> torch.futures.Future:
         if bucket.is_last():
             self.step += 1

@@ -63,6 +63,7 @@ class ErrorFeedbackState(HookState):
     """
 
     name = "ef"
+    per_rank_buffers = ("residuals", "server_errors")
 
     def __init__(self, process_group=None, compressor: Compressor | None = None, *, collective: str = "auto",
                  error_feedback: bool = True, **kwargs):
@@ -80,6 +81,10 @@ class ErrorFeedbackState(HookState):
         self.residuals: dict[str, torch.Tensor] = {}
         self.server_errors: dict[str, torch.Tensor] = {}
         super().__init__(process_group, **kwargs)
+
+    def options(self) -> dict:
+        return {"compressor": repr(self.compressor), "collective": self.collective,
+                "error_feedback": self.error_feedback}
 
     def compressor_for(self, key: str) -> Compressor:
         """The compressor of one parameter (L-GreCo assigns one per layer)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from commlib import compress
 from commlib.comm.patterns import allgather_payloads, two_phase_allreduce_like
@@ -60,6 +61,8 @@ class EF21State(HookState):
     """
 
     name = "ef21"
+    # g_i and g reset together: the next compressed step is EF21's dense first round again
+    per_rank_buffers = ("local_estimates", "aggregates", "server_errors")
 
     def __init__(self, process_group=None, compressor: Compressor | None = None, *, collective: str = "auto",
                  **kwargs):
@@ -75,6 +78,9 @@ class EF21State(HookState):
         self.aggregates: dict[str, torch.Tensor] = {}  # g (identical on every rank)
         self.server_errors: dict[str, torch.Tensor] = {}
         super().__init__(process_group, **kwargs)
+
+    def options(self) -> dict:
+        return {"compressor": repr(self.compressor), "collective": self.collective}
 
     # ------------------------------------------------------------------ weights (EF21-W overrides)
     def weight(self, rank: int) -> float:
@@ -198,6 +204,7 @@ class EF21WState(EF21State):
     """
 
     name = "ef21w"
+    per_rank_buffers = EF21State.per_rank_buffers + ("estimate_in_flight",)
 
     def __init__(self, process_group=None, compressor: Compressor | None = None, *, smoothness=None,
                  estimate_every: int = 50, smoothing: float = 0.9, **kwargs):
@@ -208,19 +215,27 @@ class EF21WState(EF21State):
         super().__init__(process_group, compressor, **kwargs)
         if smoothness is not None:
             smoothness = [float(x) for x in smoothness]
-            if len(smoothness) != self.world_size:
-                raise ValueError(f"smoothness must have one L_i per rank ({self.world_size}), got {len(smoothness)}")
             ef21w_weights(smoothness)  # validates: every L_i a finite number > 0
         self.online = smoothness is None
         self.estimate_every = estimate_every
         self.smoothing = float(smoothing)
-        self.smoothness = torch.tensor(smoothness if smoothness is not None else [1.0] * self.world_size,
-                                       dtype=torch.float64)
+        self.smoothness = None if smoothness is None else torch.tensor(smoothness, dtype=torch.float64)
         self.estimates_taken = 0
         self._params: dict[str, torch.Tensor] = {}
         self._snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._secant = [0.0, 0.0]  # sum ||dgrad||^2, sum ||dx||^2 of the current estimate
         self._pending_step = -1
+        if self.smoothness is not None and dist.is_available() and dist.is_initialized():
+            self.on_bind()  # the group exists already: refuse a wrong smoothness at construction
+
+    def on_bind(self) -> None:
+        if self.smoothness is None:
+            self.smoothness = torch.ones(self.world_size, dtype=torch.float64)
+        elif len(self.smoothness) != self.world_size:  # checked here when the state is built before init
+            raise ValueError(f"smoothness must have one L_i per rank ({self.world_size}), got {len(self.smoothness)}")
+
+    def options(self) -> dict:
+        return {**super().options(), "online": self.online}
 
     def weight(self, rank: int) -> float:
         return float(self.smoothness[rank] / self.smoothness.sum())
@@ -280,26 +295,29 @@ class EF21WState(EF21State):
     # ------------------------------------------------------------------ books and checkpoints
     def stats(self) -> dict:
         stats = super().stats()
-        stats["ef21w"] = {"smoothness": self.smoothness.tolist(), "weights": self.weights(),
+        stats["ef21w"] = {"smoothness": [] if self.smoothness is None else self.smoothness.tolist(),
+                          "weights": self.weights() if self.smoothness is not None else [],
                           "online": self.online, "estimates_taken": self.estimates_taken}
         return stats
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
+    def buffers_state(self) -> dict:
+        state = super().buffers_state()
         state["smoothness"] = self.smoothness.clone()
         state["estimates_taken"] = self.estimates_taken
+        state["pending_step"] = self._pending_step
         # an estimate in flight (snapshot taken, secant not finished) resumes where it was
         state["estimate_in_flight"] = {
             "snapshot_params": {k: x for k, (x, _) in self._snapshot.items()},
             "snapshot_grads": {k: g for k, (_, g) in self._snapshot.items()},
-            "secant": list(self._secant), "pending_step": self._pending_step}
+            "secant": torch.tensor(self._secant, dtype=torch.float64)}
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.smoothness = state["smoothness"].clone()
-        self.estimates_taken = int(state["estimates_taken"])
-        flight = state["estimate_in_flight"]
+    def load_buffers_state(self, buffers: dict) -> None:
+        super().load_buffers_state(buffers)
+        self.smoothness = buffers["smoothness"].clone()
+        self.estimates_taken = int(buffers["estimates_taken"])
+        self._pending_step = int(buffers["pending_step"])
+        flight = buffers["estimate_in_flight"] or {"snapshot_params": {}, "snapshot_grads": {},
+                                                   "secant": torch.zeros(2, dtype=torch.float64)}
         self._snapshot = {k: (x, flight["snapshot_grads"][k]) for k, x in flight["snapshot_params"].items()}
         self._secant = [float(v) for v in flight["secant"]]
-        self._pending_step = int(flight["pending_step"])

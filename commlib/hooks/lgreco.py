@@ -169,25 +169,30 @@ class LGreCoMixin:
                               self.history[-1]["bytes_uniform"] / max(self.history[-1]["bytes_planned"], 1.0), step)
 
     def lgreco_state(self) -> dict:
-        return {"plan": dict(self.plan), "accumulated": dict(self.accumulated), "history": list(self.history),
+        return {"plan": dict(self.plan), "history": list(self.history),
                 "next_retune": self.next_retune, "grad_dtypes": {k: str(v) for k, v in self.grad_dtypes.items()}}
 
     def load_lgreco_state(self, state: dict) -> None:
         self.plan = {k: int(v) for k, v in state["plan"].items()}
-        self.accumulated = dict(state["accumulated"])
         self.grad_dtypes = {k: getattr(torch, v.replace("torch.", "")) for k, v in state["grad_dtypes"].items()}
         self.history = list(state["history"])
         self.next_retune = int(state["next_retune"])
         self.apply_plan()
 
+    def options(self) -> dict:
+        return {**super().options(), "family": self.family, "candidates": list(self.candidates),
+                "alpha": self.alpha, "retune_every": self.retune_every, "accumulate_steps": self.accumulate_steps}
+
     def buffers_state(self) -> dict:
         out = super().buffers_state()
         out["lgreco"] = self.lgreco_state()
+        out["lgreco_accumulated"] = dict(self.accumulated)  # local sums before the retune's all-reduce
         return out
 
     def load_buffers_state(self, buffers: dict) -> None:
         super().load_buffers_state(buffers)
         self.load_lgreco_state(buffers["lgreco"])
+        self.accumulated = dict(buffers["lgreco_accumulated"])
 
 
 class LGreCoPowerSGDState(LGreCoMixin, PowerSGDState):
@@ -206,6 +211,7 @@ class LGreCoPowerSGDState(LGreCoMixin, PowerSGDState):
     """
 
     name = "lgreco"
+    per_rank_buffers = PowerSGDState.per_rank_buffers + ("lgreco_accumulated",)
 
     def __init__(self, process_group=None, *, candidates=None, alpha: float = 1.0, retune_every: int = 500,
                  accumulate_steps: int = 10, error_buckets: int = 10_000, **kwargs):
@@ -248,6 +254,7 @@ class LGreCoEFState(LGreCoMixin, ErrorFeedbackState):
     """
 
     name = "lgreco"
+    per_rank_buffers = ErrorFeedbackState.per_rank_buffers + ("lgreco_accumulated",)
 
     def __init__(self, process_group=None, *, family: str = "topk", density: float = 0.01, bits: int = 4,
                  bucket_size: int = 512, exact: bool = True, candidates=None, alpha: float = 1.0,

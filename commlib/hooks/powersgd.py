@@ -61,6 +61,7 @@ class PowerSGDState(HookState):
     """
 
     name = "powersgd"
+    per_rank_buffers = ("residuals",)
 
     def __init__(self, process_group=None, matrix_approximation_rank: int = 1, *, rank: int | None = None,
                  min_compression_rate: float = 2.0, use_error_feedback: bool = True, warm_start: bool = True,
@@ -88,6 +89,11 @@ class PowerSGDState(HookState):
         self.rank_of: dict[str, int] = {}  # per-parameter rank override (L-GreCo's plan)
         super().__init__(process_group, **kwargs)
 
+    def options(self) -> dict:
+        return {"rank": self.matrix_approximation_rank, "min_compression_rate": self.min_compression_rate,
+                "use_error_feedback": self.use_error_feedback, "warm_start": self.warm_start,
+                "batch_tensors_with_same_shape": self.batch_tensors_with_same_shape}
+
     # ------------------------------------------------------------------ per-parameter choices
     def target_rank(self, key: str) -> int:
         return self.rank_of.get(key, self.matrix_approximation_rank)
@@ -113,12 +119,14 @@ class PowerSGDState(HookState):
         q = self.q_memory.get(view.key) if self.warm_start else None
         if q is None or q.shape[0] != cols:
             return self.initial_q(view, cols, rank, step)
-        if q.shape[1] == rank:
-            return q.clone()
-        if q.shape[1] > rank:  # keep the leading columns of the warm start
-            return q[:, :rank].clone()
-        extra = self.initial_q(view, cols, rank, step + 1)[:, q.shape[1] :]
-        return torch.cat([q, extra], dim=1)
+        if q.shape[1] >= rank:  # keep the leading columns of the warm start
+            q = q[:, :rank].clone()
+        else:
+            q = torch.cat([q, self.initial_q(view, cols, rank, step + 1)[:, q.shape[1] :]], dim=1)
+        dead = q.norm(dim=0) == 0  # a zero gradient left a zero column: it would stay zero forever
+        if bool(dead.any()):
+            q[:, dead] = self.initial_q(view, cols, rank, step + 1)[:, dead]
+        return q
 
     # ------------------------------------------------------------------ the bucket job
     def compressed_job(self, buffer, views, step, bucket_index):
@@ -224,6 +232,7 @@ class PowerSGDState(HookState):
 
     def load_buffers_state(self, buffers: dict) -> None:
         self.residuals = dict(buffers["residuals"])
+        self._scratch = {}
         self.q_memory = dict(buffers["q_memory"])
         self.rank_of = {k: int(v) for k, v in buffers["rank_of"].items()}
 

@@ -35,23 +35,39 @@ def strip_ddp_prefix(name: str) -> str:
     return name[len("module.") :] if name.startswith("module.") else name
 
 
+FORMAT = "commlib.hook_state/2"
+ON_MISMATCH = ("error", "reset")
+
+
 class HookState:
     r"""Books shared by all commlib hooks. Subclasses implement :meth:`compressed_job`.
 
     Arguments:
         process_group: the group to reduce over (default: the world). The state makes a private
-            copy of it for its ordered queue (see :mod:`commlib.comm.queue`).
+            copy of it for its ordered queue (see :mod:`commlib.comm.queue`) when it binds.
         model: the module DDP wraps (or the DDP module). Parameter names then key every
-            per-parameter buffer, which makes states robust to DDP's bucket rebuild and lets a
-            checkpoint resume into a fresh DDP instance. Without it, keys are positions in the
-            bucket, valid only while the bucket layout stays the same.
+            per-parameter buffer. Without it, parameters are keyed by their position in DDP's
+            initial (unrebuilt) bucket layout, recorded in the state's first iteration: stable
+            across DDP's bucket rebuild and across a fresh DDP built the same way, so a resumed
+            run continues bit-identically either way.
         start_iter: compressed steps start at this iteration (>= 2: DDP rebuilds buckets after
             iteration 1). Before it, buckets are averaged densely.
         seed: base of every random choice (mixed with step and parameter; the global RNG is never used).
         timeout: timeout of the private process group (default: the process group default).
 
-    ``state_dict()`` holds tensors and primitives only (``torch.load(weights_only=True)`` reads
-    it); ``load_state_dict`` restores it into a state built with the same arguments.
+    Binding: the state needs no process group to be built (Lightning builds it before
+    ``init_process_group``); it binds its group, queue and thread at the first hook call or at
+    :meth:`bind`. An unbound state pickles (spawned workers receive it); a bound one refuses.
+    :meth:`close` (or ``with state:``) stops the thread and destroys the private group.
+
+    Checkpoints: ``state_dict()`` holds tensors and primitives only, under the key ``rank{r}`` of
+    the rank that saved it, with the world size, method, buffer-shaping options and parameter
+    layout. ``load_state_dict`` refuses (``ValueError`` naming the mismatch) a state of another rank,
+    world size, method, options or layout, unless ``on_mismatch="reset"``: then the per-rank
+    buffers (error-feedback residuals and the like) are dropped and the state restarts with
+    ``start_iter`` dense steps, as DeepSpeed resets error feedback on load.
+    :func:`gather_state_dict` makes one dict with every rank's state (rank 0 saves it, every rank
+    loads it); :class:`commlib.checkpoint.HookStateful` is the form for ``torch.distributed.checkpoint``.
     """
 
     name = "base"
@@ -59,22 +75,32 @@ class HookState:
     # True: hold a step's buckets and run one compressed_job(None, all views, step, -1) when the
     # last one arrives (for hooks whose job works on the views alone, not on the bucket buffer)
     one_round_per_step = False
+    # names in buffers_state() whose tensors belong to one rank (dropped by on_mismatch="reset")
+    per_rank_buffers: tuple[str, ...] = ()
 
     def __init__(self, process_group=None, *, model=None, start_iter: int = 2, seed: int = 0,
                  timeout: float | None = None):
         self.start_iter = require_start_iter(start_iter) if self.stateful else max(0, int(start_iter))
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or timeout <= 0):
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         self.seed = seed
-        self.queue = OrderedQueue(process_group, datetime.timedelta(seconds=timeout) if timeout else None)
-        self.world_size = self.queue.world_size
-        self.rank = self.queue.rank
+        self.process_group = process_group
+        self.timeout = timeout
+        self.queue: OrderedQueue | None = None
+        self.closed = False
+        self.model = model
+        self.keyed_by = "name" if model is not None else "position"
+        self._keys: dict[int, str] = {}  # id(parameter) -> key, filled at bind (names) or first iteration
+        self.param_shapes: dict[str, list[int]] = {}  # key -> shape, as DDP reduced it
+        self._layout_open = True  # the state's first iteration: positions are still being assigned
+        self._expected_shapes: dict[str, list[int]] | None = None  # layout of a loaded checkpoint
+        self._pending_load: tuple[dict, str] | None = None  # a load before the process group existed
         self.step = 0
-        self._names: dict[int, str] = {}
-        if model is not None:
-            self._names = {id(p): strip_ddp_prefix(n) for n, p in model.named_parameters()}
+        self.dense_until = 0  # dense warm-up after a reset load
+        self.resets = 0
         # books (primitives only)
         self.total_payload_bytes = 0
         self.total_dense_bytes = 0
@@ -90,15 +116,87 @@ class HookState:
         self.per_layer: dict[str, dict] = {}
         self._held_buckets: list = []  # (buffer, views, Future) of the step so far (one_round_per_step)
 
+    # ------------------------------------------------------------------ binding and lifetime
+    @property
+    def bound(self) -> bool:
+        return self.queue is not None
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the state's group (needs an initialized process group)."""
+        if self.queue is not None:
+            return self.queue.rank
+        require_initialized()
+        return dist.get_rank(self.process_group)
+
+    @property
+    def world_size(self) -> int:
+        if self.queue is not None:
+            return self.queue.world_size
+        require_initialized()
+        return dist.get_world_size(self.process_group)
+
+    def bind(self) -> HookState:
+        """Create the private process group, the ordered queue and its thread (idempotent). Every
+        rank must bind its states in the same order (the first hook call does, in DDP's order)."""
+        if self.closed:
+            raise RuntimeError(f"{type(self).__name__} was closed; build a new state")
+        if self.queue is None:
+            require_initialized()
+            self.queue = OrderedQueue(self.process_group,
+                                      datetime.timedelta(seconds=self.timeout) if self.timeout else None)
+            if self.model is not None:
+                self._keys = {id(p): strip_ddp_prefix(n) for n, p in self.model.named_parameters()}
+            self.on_bind()
+            if self._pending_load is not None:
+                state, policy = self._pending_load
+                self._pending_load = None
+                self._apply_load(state, policy)
+        return self
+
+    def on_bind(self) -> None:
+        """Subclasses: checks and buffers that need the world size (runs once, in :meth:`bind`)."""
+
+    def close(self) -> None:
+        """Stop the queue's thread and destroy the private process group (idempotent)."""
+        if self.queue is not None:
+            self.queue.close()
+            self.queue = None
+        self.closed = True
+
+    def __enter__(self) -> HookState:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self):
+        if self.queue is not None:
+            raise TypeError(f"{type(self).__name__} is bound to a process group and a worker thread; "
+                            "pickle it before its first use, or save state.state_dict()")
+        state = dict(self.__dict__)
+        state["_keys"] = {}  # object ids mean nothing in another process
+        return state
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+
     # ------------------------------------------------------------------ DDP entry point
     def run(self, bucket: dist.GradBucket) -> torch.futures.Future:
-        step = self.step
-        is_last = bucket.is_last()
-        if is_last:
-            self.step += 1
-        buffer = bucket.buffer()
-        views = self.param_views(bucket)
-        if step < self.start_iter:
+        try:
+            self.bind()
+            step = self.step
+            is_last = bucket.is_last()
+            buffer = bucket.buffer()
+            views = self.param_views(bucket)
+            if is_last:
+                self.step += 1
+                self._close_layout()
+        except Exception as exc:  # surfaces in backward(), not as a C++ abort inside the reducer
+            failed: torch.futures.Future = torch.futures.Future()
+            failed.set_exception(exc)
+            return failed
+        if step < self.start_iter or step < self.dense_until:
             job = self._dense_job(buffer, views)
         elif self.one_round_per_step:
             return self._aggregated(buffer, views, step, is_last)
@@ -171,15 +269,47 @@ class HookState:
 
     # ------------------------------------------------------------------ helpers for subclasses
     def param_views(self, bucket: dist.GradBucket) -> list[ParamView]:
+        self.bind()
         buffer = bucket.buffer()
         views, offset = [], 0
-        for position, (param, grad) in enumerate(zip(bucket.parameters(), bucket.gradients())):
+        for param, grad in zip(bucket.parameters(), bucket.gradients()):
             numel = grad.numel()
             view = buffer[offset : offset + numel].view(param.shape)
-            key = self._names.get(id(param), f"bucket{bucket.index()}.{position}")
-            views.append(ParamView(key, view, offset))
+            views.append(ParamView(self.param_key(param), view, offset))
             offset += numel
         return views
+
+    def param_key(self, param: torch.Tensor) -> str:
+        """The stable key of a parameter DDP reduces: its name (``model=``) or its position in the
+        state's first iteration, which runs on DDP's initial bucket layout."""
+        key = self._keys.get(id(param))
+        if key is None:
+            if self.model is not None:
+                raise ValueError(f"DDP reduces a parameter of shape {tuple(param.shape)} that is not in the model "
+                                 "given as model=: pass the module DDP wraps")
+            if not self._layout_open:
+                raise RuntimeError(f"DDP reduces a parameter of shape {tuple(param.shape)} this state did not see "
+                                   "in its first iteration; register a state on one DDP only, before its first step")
+            key = f"param{len(self._keys)}"
+            self._keys[id(param)] = key
+        if key not in self.param_shapes:
+            shape = list(param.shape)
+            expected = (self._expected_shapes or {}).get(key)
+            if self._expected_shapes is not None and expected != shape:
+                raise ValueError(f"loaded {self.name} hook state does not fit this model: parameter {key!r} has shape "
+                                 f"{shape}, the checkpoint {'has ' + str(expected) if expected else 'lacks it'}")
+            self.param_shapes[key] = shape
+        return key
+
+    def _close_layout(self) -> None:
+        """End of the first iteration: every parameter has its key; compare with a loaded layout."""
+        if not self._layout_open:
+            return
+        self._layout_open = False
+        if self._expected_shapes is not None and set(self._expected_shapes) != set(self.param_shapes):
+            missing = sorted(set(self._expected_shapes) - set(self.param_shapes))
+            raise ValueError(f"loaded {self.name} hook state does not fit this model: the checkpoint has parameters "
+                             f"{missing[:5]} this DDP does not reduce")
 
     def average_dense(self, comm: Comm, dense: list[ParamView], source: dict | None = None) -> None:
         """Mean over ranks of the parameters that go uncompressed, in one allreduce, written into
@@ -229,33 +359,96 @@ class HookState:
             "compression_ratio": dense / payload if payload else 1.0,
             "total_bytes_sent": self.total_payload_bytes,
             "total_bytes_dense": self.total_dense_bytes,
-            "wire_bytes_total": self.queue.comm.bytes_sent,
+            "wire_bytes_total": self.queue.comm.bytes_sent if self.queue is not None else 0,
+            "resets": self.resets,
             "skipped_steps": self.skipped_steps,
             "hook_seconds": self.last_step_hook_seconds,
             "hook_seconds_total": self.total_hook_seconds,
             "per_layer": {k: dict(v) for k, v in self.per_layer.items()},
         }
 
+    def options(self) -> dict:
+        """The options that shape this state's buffers (primitives); a load with others is refused."""
+        return {}
+
     def state_dict(self) -> dict:
-        return {
+        """This rank's state, under ``rank{r}``, with what a load needs to refuse a wrong one."""
+        buffers = self.buffers_state()
+        mine = {
+            "rank": self.rank,
+            "world_size": self.world_size,
             "method": self.name,
+            "keyed_by": self.keyed_by,
+            "options": self.options(),
+            "params": {k: list(v) for k, v in self.param_shapes.items()},
             "step": self.step,
+            "dense_until": self.dense_until,
             "seed": self.seed,
             "start_iter": self.start_iter,
             "total_payload_bytes": self.total_payload_bytes,
             "total_dense_bytes": self.total_dense_bytes,
             "skipped_steps": self.skipped_steps,
-            "buffers": self.buffers_state(),
+            "resets": self.resets,
+            "tensor_keys": "\n".join(tensor_keys(buffers)),
+            "buffers": buffers,
         }
+        return {"format": FORMAT, "method": self.name, "world_size": self.world_size, f"rank{self.rank}": mine}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("method") != self.name:
-            raise ValueError(f"state_dict is for hook {state.get('method')!r}, not {self.name!r}")
-        self.step = int(state["step"])
-        self.total_payload_bytes = int(state["total_payload_bytes"])
-        self.total_dense_bytes = int(state["total_dense_bytes"])
-        self.skipped_steps = int(state["skipped_steps"])
-        self.load_buffers_state(state["buffers"])
+    def load_state_dict(self, state: dict, *, on_mismatch: str = "error") -> None:
+        """Load a :meth:`state_dict` (or a :func:`gather_state_dict`). ``on_mismatch``: ``"error"``
+        (a state of another rank or world size raises ValueError) or ``"reset"`` (drop the per-rank
+        buffers and restart with ``start_iter`` dense steps). Options, method and parameter layout
+        must always match. Before the process group exists, the load waits for :meth:`bind`."""
+        if on_mismatch not in ON_MISMATCH:
+            raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
+        check_format(state, self.name)
+        if self.queue is None and not (dist.is_available() and dist.is_initialized()):
+            self._pending_load = (state, on_mismatch)
+            return
+        self._apply_load(state, on_mismatch)
+
+    def _apply_load(self, state: dict, on_mismatch: str) -> None:
+        rank, world = self.rank, self.world_size
+        mine, problems = pick_rank_state(state, rank, world, self.name)
+        if not self.per_rank_buffers:
+            problems = []  # nothing in this state belongs to one rank
+        if mine["keyed_by"] != self.keyed_by:
+            raise ValueError(f"{self.name} hook state was saved keyed by parameter {mine['keyed_by']}s, this state is "
+                             f"keyed by {self.keyed_by}s: build it {'with' if mine['keyed_by'] == 'name' else 'without'} "
+                             "model= as the saving run did")
+        differ = {k: (v, self.options().get(k)) for k, v in mine["options"].items() if self.options().get(k) != v}
+        differ.update({k: (None, v) for k, v in self.options().items() if k not in mine["options"]})
+        if differ:
+            raise ValueError(f"{self.name} hook state was saved with other options: "
+                             + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in sorted(differ.items())))
+        missing = sorted(set(filter(None, mine["tensor_keys"].split("\n"))) - set(tensor_keys(mine["buffers"])))
+        if missing:
+            raise ValueError(f"{self.name} hook state lacks {len(missing)} saved tensors (e.g. {missing[0]!r}): "
+                             "torch.distributed.checkpoint loads tensors in place, into buffers a fresh state does "
+                             "not have yet; checkpoint hook states with commlib.checkpoint.HookStateful(state)")
+        if problems and on_mismatch == "error":
+            raise ValueError(f"{self.name} hook state: " + "; ".join(problems) + ". Its error-feedback buffers belong "
+                             "to one rank: save every rank's state (hooks.gather_state_dict(state), or "
+                             "torch.distributed.checkpoint with commlib.checkpoint.HookStateful(state)), or pass "
+                             "on_mismatch='reset' to drop them and restart with the dense warm-up")
+        self.step = int(mine["step"])
+        self.dense_until = int(mine["dense_until"])
+        self.total_payload_bytes = int(mine["total_payload_bytes"])
+        self.total_dense_bytes = int(mine["total_dense_bytes"])
+        self.skipped_steps = int(mine["skipped_steps"])
+        self.resets = int(mine["resets"])
+        buffers = mine["buffers"]
+        if problems:
+            buffers = {k: ({} if k in self.per_rank_buffers else v) for k, v in buffers.items()}
+            self.dense_until = self.step + self.start_iter
+            self.resets += 1
+        self.load_buffers_state(buffers)
+        self._expected_shapes = {k: list(v) for k, v in mine["params"].items()} or None
+        if not self._layout_open and self._expected_shapes is not None:
+            wrong = {k: v for k, v in self.param_shapes.items() if self._expected_shapes.get(k) != v}
+            if wrong or set(self._expected_shapes) != set(self.param_shapes):
+                raise ValueError(f"loaded {self.name} hook state does not fit this model (parameters "
+                                 f"{sorted(set(wrong) | (set(self._expected_shapes) ^ set(self.param_shapes)))[:5]})")
 
     def buffers_state(self) -> dict:
         return {}
@@ -263,10 +456,76 @@ class HookState:
     def load_buffers_state(self, buffers: dict) -> None:
         pass
 
-    def __getstate__(self):
-        raise TypeError(
-            f"{type(self).__name__} holds a process group and a worker thread; save state.state_dict() instead"
-        )
+
+def require_initialized() -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("this needs an initialized torch.distributed process group (the state binds at its "
+                           "first hook call, or at state.bind())")
+
+
+def tensor_keys(tree, prefix: str = "") -> list[str]:
+    """Paths of every tensor in a nested dict (what a checkpoint must bring back)."""
+    out = []
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if torch.is_tensor(v):
+            out.append(path)
+        elif isinstance(v, dict):
+            out.extend(tensor_keys(v, path + "/"))
+    return sorted(out)
+
+
+def check_format(state, method: str) -> None:
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"not a commlib hook state of format {FORMAT!r} (got {type(state).__name__}"
+                         f"{' with format ' + repr(state.get('format')) if isinstance(state, dict) else ''}); "
+                         "states carry their rank and world size since this format")
+    if state.get("method") != method:
+        raise ValueError(f"state_dict is for hook {state.get('method')!r}, not {method!r}")
+
+
+def saved_ranks(state: dict) -> list[int]:
+    return sorted(int(k[4:]) for k in state if k.startswith("rank") and k[4:].isdigit())
+
+
+def pick_rank_state(state: dict, rank: int, world: int, method: str) -> tuple[dict, list[str]]:
+    """This rank's part of a (possibly gathered) state dict, and what does not fit: another rank's
+    state, or another world size. With no part of this rank, the lowest saved rank's is returned."""
+    ranks = saved_ranks(state)
+    if not ranks:
+        raise ValueError(f"{method} hook state holds no rank's state")
+    problems = []
+    if int(state["world_size"]) != world:
+        problems.append(f"saved in a world of {state['world_size']}, loading in a world of {world}")
+    mine = state.get(f"rank{rank}")
+    if mine is None:
+        problems.append(f"state of rank {', '.join(map(str, ranks))} loaded on rank {rank}")
+        mine = state[f"rank{ranks[0]}"]
+    return mine, problems
+
+
+def merge_rank_states(states: list):
+    """Union of several ranks' state dicts: ``rank{r}`` parts side by side (recursively, for
+    wrappers such as AGVM whose inner state is nested); other entries from the first."""
+    first = states[0]
+    if not isinstance(first, dict):
+        return first
+    out = {}
+    for key in {k for s in states for k in s}:
+        values = [s[key] for s in states if key in s]
+        out[key] = merge_rank_states(values) if isinstance(values[0], dict) else values[0]
+    return out
+
+
+def gather_state_dict(state) -> dict:
+    """Every rank's ``state.state_dict()`` in one dict (a collective: call it on every rank). Rank 0
+    saves it; every rank loads the same file with ``state.load_state_dict`` and takes its own part."""
+    require_initialized()
+    group = getattr(state, "process_group", None)
+    mine = state.state_dict()
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    return merge_rank_states(everyone)
 
 
 def _stable_hash(key: str) -> int:

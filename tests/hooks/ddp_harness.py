@@ -105,9 +105,11 @@ def train(rank, world_size, hook=None, options=None, steps=10, ddp_kwargs=None, 
         if finite:
             opt.step()
         if step in snapshots:
+            # error-feedback buffers; L-GreCo's local statistics sum every finite local gradient
+            # (as before the per-rank split of its buffers), so they are not among the spared ones
             buffers[step] = {k: {n: t.clone() for n, t in d.items() if torch.is_tensor(t)}
                              for k, d in state.buffers_state().items()
-                             if isinstance(d, dict)}
+                             if isinstance(d, dict) and k != "lgreco_accumulated"}
         if save_at is not None and step + 1 == save_at:
             buf_model, buf_hook = io.BytesIO(), io.BytesIO()
             torch.save(model.state_dict(), buf_model)

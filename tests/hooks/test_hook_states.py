@@ -38,13 +38,31 @@ def test_invalid_options_raise_value_error(name, options, match):
         hooks.make(name, **options)
 
 
+def test_invalid_on_mismatch_policy_raises():
+    state, _ = hooks.make("ef")
+    with pytest.raises(ValueError, match="on_mismatch must be one of"):
+        state.load_state_dict({}, on_mismatch="ignore")
+
+
+def test_a_state_of_the_old_format_is_refused():
+    state, _ = hooks.make("ef")
+    with pytest.raises(ValueError, match="not a commlib hook state of format"):
+        state.load_state_dict({"method": "ef", "step": 3, "buffers": {}})
+
+
 def test_names_list_every_hook():
     assert hooks.names() == ["allreduce", "fp16", "bf16", "ef", "ef21", "ef21w", "powersgd", "lgreco", "agvm", "dp_ef", "gc"]
 
 
-def test_hook_needs_an_initialized_process_group():
-    with pytest.raises(RuntimeError, match="initialized torch.distributed"):
-        hooks.make("powersgd", rank=2)
+def test_states_build_before_init_and_bind_at_first_use():
+    import pickle
+
+    state, _ = hooks.make("powersgd", rank=2)  # Lightning builds the state before init_process_group
+    assert not state.bound
+    clone = pickle.loads(pickle.dumps(state))  # spawned workers receive it pickled
+    assert clone.matrix_approximation_rank == 2 and not clone.bound
+    with pytest.raises(RuntimeError, match="initialized torch.distributed process group"):
+        state.bind()
 
 
 def test_cast_state_rejects_other_dtypes():
