@@ -78,6 +78,8 @@ def run_world(fn, world_size: int = 2, *, timeout: float = 120.0, backend: str =
         try:
             while not set(range(world_size)) - set(may_die) <= set(reports):
                 left = deadline - time.monotonic()
+                if left <= 0 and any(status == "error" for status, _ in reports.values()):
+                    break
                 if left <= 0:
                     missing = sorted(set(range(world_size)) - set(reports))
                     raise TimeoutError(f"run_world: ranks {missing} did not finish within {timeout} s")
@@ -90,7 +92,11 @@ def run_world(fn, world_size: int = 2, *, timeout: float = 120.0, backend: str =
                     if dead:
                         raise WorkerError(f"run_world: ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})")
                 if any(status == "error" for status, _ in reports.values()):
-                    break  # do not wait for peers that may now block forever
+                    # do not wait for peers that may now block forever, but give the others a
+                    # moment to report errors of their own (a refusal on every rank, say)
+                    deadline = min(deadline, time.monotonic() + 3.0)
+                    if set(reports) >= set(range(world_size)) - set(may_die) or time.monotonic() >= deadline:
+                        break
         finally:
             finished = set(range(world_size)) - set(may_die) <= set(reports)
             for r, p in enumerate(procs):

@@ -39,7 +39,7 @@ class Comm:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place SUM allreduce; counts 2 (n-1)/n of the tensor (ring allreduce traffic)."""
         if self.world_size > 1 and tensor.numel():
-            dist.all_reduce(tensor, group=self.group)
+            _collective(dist.all_reduce, tensor, group=self.group)
         self.bytes_sent += _ring_bytes(tensor, self.world_size) * 2
         return tensor
 
@@ -50,7 +50,7 @@ class Comm:
             return [tensor]
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
         if tensor.numel():
-            dist.all_gather(out, tensor, group=self.group)
+            _collective(dist.all_gather, out, tensor, group=self.group)
         else:
             out = [tensor.clone() for _ in range(self.world_size)]
         self.bytes_sent += tensor.numel() * tensor.element_size() * (self.world_size - 1)
@@ -63,20 +63,44 @@ class Comm:
             return flat
         out = torch.empty_like(flat)
         if flat.numel():
-            dist.all_to_all_single(out, flat, group=self.group)
+            _collective(dist.all_to_all_single, out, flat, group=self.group)
         self.bytes_sent += _ring_bytes(flat, self.world_size)
         return out
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.world_size > 1:
-            dist.broadcast(tensor, src=dist.get_global_rank(self.group, src), group=self.group)
+            _collective(dist.broadcast, tensor, src=dist.get_global_rank(self.group, src), group=self.group)
         if self.rank == src:
             self.bytes_sent += tensor.numel() * tensor.element_size() * (self.world_size - 1)
         return tensor
 
 
+class PeerFailure(RuntimeError):
+    """A collective of a hook failed: a peer died, stopped answering, or the group broke. The
+    message says which step, which rank saw it, and which ranks were behind (a heartbeat per step
+    in the rendezvous store)."""
+
+
+def _collective(fn, *args, **kwargs):
+    """Run a blocking collective; a failure (gloo raises plain RuntimeErrors) becomes PeerFailure."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as exc:
+        raise PeerFailure(f"{fn.__name__} failed: {exc}") from exc
+
+
 def _ring_bytes(tensor: torch.Tensor, world_size: int) -> int:
     return tensor.numel() * tensor.element_size() * (world_size - 1) // max(world_size, 1)
+
+
+def carrying_errors(fut: torch.futures.Future) -> torch.futures.Future:
+    """A Future that completes like ``fut`` but marks a failure as an error in C++: DDP's reducer
+    reads a Python ``set_exception`` as a value and reports "Unable to cast <message> to Tensor";
+    an exception raised in a ``then`` callback reaches ``backward()`` as itself."""
+    return fut.then(lambda done: done.wait())
+
+
+_queues_made = 0  # every rank binds its states in the same order: equal tags across ranks
 
 
 class OrderedQueue:
@@ -91,6 +115,14 @@ class OrderedQueue:
         # A private copy of the group: only this queue's thread issues collectives on it.
         self.group = dist.new_group(ranks=ranks, backend=dist.get_backend(base), **kwargs)
         self.comm = Comm(self.group)
+        global _queues_made
+        _queues_made += 1
+        self.tag = f"commlib/queue{_queues_made}"
+        self.ranks = ranks
+        try:  # diagnostics only: a heartbeat per step, read when a collective fails
+            self._store = dist.distributed_c10d._get_default_store()
+        except Exception:
+            self._store = None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -104,20 +136,46 @@ class OrderedQueue:
     def rank(self) -> int:
         return self.comm.rank
 
-    def submit(self, job: Callable[[Comm], object]) -> torch.futures.Future:
-        """Queue ``job``; the returned Future holds its result or its exception."""
+    def submit(self, job: Callable[[Comm], object], raw: bool = False) -> torch.futures.Future:
+        """Queue ``job``; the returned Future holds its result or its exception (``raw``: the
+        Python Future itself, for callers that chain it before DDP sees it)."""
         fut: torch.futures.Future = torch.futures.Future()
         if self._closed:
             raise RuntimeError("this hook state was closed")
         self._ensure_thread()
         self._jobs.put((job, fut))
-        return fut
+        return fut if raw else carrying_errors(fut)
 
     def _ensure_thread(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._work, name="commlib-ordered-queue", daemon=True)
                 self._thread.start()
+
+    def heartbeat(self, step: int) -> None:
+        """Record in the rendezvous store that this rank started ``step`` (one small write per step)."""
+        if self._store is not None:
+            try:
+                self._store.set(f"{self.tag}/started/{self.rank}", str(step))
+            except Exception:
+                self._store = None
+
+    def diagnose(self, step: int) -> str:
+        """Which ranks were behind this one when a collective failed, from their heartbeats."""
+        if self._store is None:
+            return "no rendezvous store to ask which rank failed"
+        try:
+            behind = []
+            for r in range(self.world_size):
+                key = f"{self.tag}/started/{r}"
+                last = int(self._store.get(key)) if self._store.check([key]) else -1
+                if last < step and r != self.rank:
+                    behind.append(f"rank {r} (global rank {self.ranks[r]}) last started step {last}")
+            if not behind:
+                return "every rank had started this step: the failing peer broke off during it"
+            return "; ".join(behind) + ": it crashed, was killed or stopped answering"
+        except Exception as exc:  # the store's host (rank 0's process under torchrun) is gone too
+            return f"the rendezvous store is unreachable too ({type(exc).__name__}): its host is likely down"
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the queued jobs, stop the thread and destroy the private group (idempotent)."""

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from commlib.comm.patterns import allreduce_mean_, split_like
-from commlib.comm.queue import Comm, OrderedQueue
+from commlib.comm.queue import Comm, OrderedQueue, PeerFailure, carrying_errors
 from commlib.compress.base import derive_seed
 
 
@@ -115,6 +115,7 @@ class HookState:
         self._last_skipped_step = -1
         self.per_layer: dict[str, dict] = {}
         self._held_buckets: list = []  # (buffer, views, Future) of the step so far (one_round_per_step)
+        self._heartbeat_step = -1
 
     # ------------------------------------------------------------------ binding and lifetime
     @property
@@ -211,19 +212,20 @@ class HookState:
         completes with its own buffer once that job is done; DDP waits for them all anyway."""
         fut: torch.futures.Future = torch.futures.Future()
         self._held_buckets.append((buffer, views, fut))
+        fut = carrying_errors(fut)
         if not is_last:
             return fut
         held, self._held_buckets = self._held_buckets, []
         all_views = [v for _, bucket_views, _ in held for v in bucket_views]
         job = self.compressed_job(None, all_views, step, -1)
-        done = self.queue.submit(self._with_books(job, all_views, step, True))
+        done = self.queue.submit(self._with_books(job, all_views, step, True), raw=True)
 
         def release(result: torch.futures.Future) -> None:
             try:
                 result.wait()
             except BaseException as exc:  # every bucket's backward() sees the failure
                 for _, _, pending in held:
-                    pending.set_exception(exc)
+                    pending.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
                 return
             for held_buffer, _, pending in held:
                 pending.set_result(held_buffer)
@@ -232,11 +234,22 @@ class HookState:
         return fut
 
     def _with_books(self, job, views: list[ParamView], step: int, is_last: bool):
+        first = step != self._heartbeat_step
+        self._heartbeat_step = step
+
         def run(comm: Comm):
             start = time.perf_counter()
-            self.prepare(comm, step)
-            self.observe(views, step)
-            result = job(comm)
+            if first:
+                self.queue.heartbeat(step)
+            try:
+                self.prepare(comm, step)
+                self.observe(views, step)
+                result = job(comm)
+            except PeerFailure as exc:  # a collective failed (not a bug of the job): say what and where
+                raise PeerFailure(
+                    f"commlib {self.name} hook: a collective failed at step {step} on rank {comm.rank} of "
+                    f"{comm.world_size} ({self.queue.diagnose(step)}); timeout "
+                    f"{self.timeout if self.timeout else 'of the process group'} s. Cause: {exc}") from exc
             self._step_seconds += time.perf_counter() - start
             if is_last:
                 self.last_step_payload_bytes, self.last_step_dense_bytes = self._step_payload, self._step_dense
@@ -412,25 +425,22 @@ class HookState:
         mine, problems = pick_rank_state(state, rank, world, self.name)
         if not self.per_rank_buffers:
             problems = []  # nothing in this state belongs to one rank
-        if mine["keyed_by"] != self.keyed_by:
-            raise ValueError(f"{self.name} hook state was saved keyed by parameter {mine['keyed_by']}s, this state is "
-                             f"keyed by {self.keyed_by}s: build it {'with' if mine['keyed_by'] == 'name' else 'without'} "
-                             "model= as the saving run did")
-        differ = {k: (v, self.options().get(k)) for k, v in mine["options"].items() if self.options().get(k) != v}
-        differ.update({k: (None, v) for k, v in self.options().items() if k not in mine["options"]})
-        if differ:
-            raise ValueError(f"{self.name} hook state was saved with other options: "
-                             + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in sorted(differ.items())))
-        missing = sorted(set(filter(None, mine["tensor_keys"].split("\n"))) - set(tensor_keys(mine["buffers"])))
-        if missing:
-            raise ValueError(f"{self.name} hook state lacks {len(missing)} saved tensors (e.g. {missing[0]!r}): "
-                             "torch.distributed.checkpoint loads tensors in place, into buffers a fresh state does "
-                             "not have yet; checkpoint hook states with commlib.checkpoint.HookStateful(state)")
-        if problems and on_mismatch == "error":
-            raise ValueError(f"{self.name} hook state: " + "; ".join(problems) + ". Its error-feedback buffers belong "
-                             "to one rank: save every rank's state (hooks.gather_state_dict(state), or "
+        fatal = self._unfit(mine)
+        # every rank decides the same: all load, all reset, or all refuse (a lone reset would
+        # desynchronise the dense warm-up, a lone refusal would leave the others waiting)
+        worst = self._any_rank(2 if fatal else 1 if problems else 0)
+        if fatal:
+            raise ValueError(fatal)
+        if worst == 2:
+            raise ValueError(f"{self.name} hook state: another rank refused its part of the checkpoint (see its "
+                             "error); nothing was loaded")
+        if worst == 1 and on_mismatch == "error":
+            raise ValueError(f"{self.name} hook state: " + "; ".join(problems or ["another rank's state does not fit "
+                             "its rank or world size (see its error)"]) + ". Its error-feedback buffers belong to "
+                             "one rank: save every rank's state (hooks.gather_state_dict(state), or "
                              "torch.distributed.checkpoint with commlib.checkpoint.HookStateful(state)), or pass "
                              "on_mismatch='reset' to drop them and restart with the dense warm-up")
+        problems = worst == 1
         self.step = int(mine["step"])
         self.dense_until = int(mine["dense_until"])
         self.total_payload_bytes = int(mine["total_payload_bytes"])
@@ -449,6 +459,35 @@ class HookState:
             if wrong or set(self._expected_shapes) != set(self.param_shapes):
                 raise ValueError(f"loaded {self.name} hook state does not fit this model (parameters "
                                  f"{sorted(set(wrong) | (set(self._expected_shapes) ^ set(self.param_shapes)))[:5]})")
+
+    def _unfit(self, mine: dict) -> str | None:
+        """Why a saved part cannot be loaded here under any policy (None if it can)."""
+        if mine["keyed_by"] != self.keyed_by:
+            return (f"{self.name} hook state was saved keyed by parameter {mine['keyed_by']}s, this state is keyed by "
+                    f"{self.keyed_by}s: build it {'with' if mine['keyed_by'] == 'name' else 'without'} model= as "
+                    "the saving run did")
+        now = self.options()
+        differ = {k: (v, now.get(k)) for k, v in mine["options"].items() if now.get(k) != v}
+        differ.update({k: (None, v) for k, v in now.items() if k not in mine["options"]})
+        if differ:
+            return (f"{self.name} hook state was saved with other options: "
+                    + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in sorted(differ.items())))
+        missing = sorted(set(filter(None, mine["tensor_keys"].split("\n"))) - set(tensor_keys(mine["buffers"])))
+        if missing:
+            return (f"{self.name} hook state lacks {len(missing)} saved tensors (e.g. {missing[0]!r}): "
+                    "torch.distributed.checkpoint loads tensors in place, into buffers a fresh state does "
+                    "not have yet; checkpoint hook states with commlib.checkpoint.HookStateful(state)")
+        return None
+
+    def _any_rank(self, level: int) -> int:
+        """The largest ``level`` over the ranks of the state's group (one tiny all-reduce)."""
+        group = self.queue.group if self.queue is not None else self.process_group
+        if dist.get_world_size(group) == 1:
+            return level
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        flag = torch.tensor([level], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return int(flag.item())
 
     def buffers_state(self) -> dict:
         return {}

@@ -15,8 +15,11 @@ from commlib import compress, hooks
 class Net(nn.Module):
     """Linear layers of several shapes (two equal, for batching), biases and a LayerNorm (1-D params)."""
 
-    def __init__(self, width: int = 48, dtype=torch.float32):
+    def __init__(self, width: int = 48, dtype=torch.float32, dead_branch: bool = False):
         super().__init__()
+        # a gated-off branch (an expert that gets no tokens, a zero-initialised gate): its
+        # parameters get exactly zero gradients at every step
+        self.dead = nn.Linear(width, width) if dead_branch else None
         gen = torch.Generator().manual_seed(1234)
         self.inp = nn.Linear(20, width)
         self.mid1 = nn.Linear(width, width)
@@ -32,6 +35,8 @@ class Net(nn.Module):
         x = torch.tanh(self.inp(x))
         x = torch.tanh(self.mid1(x))
         x = self.norm(torch.tanh(self.mid2(x)))
+        if self.dead is not None:
+            x = x + 0.0 * self.dead(x)
         return self.out(x)
 
 
@@ -66,27 +71,35 @@ def compressor_from(spec):
     return getattr(compress, name)(**kwargs)
 
 
-def build(hook, options, ddp_kwargs, dtype=torch.float32, state_dict=None):
-    model = Net(dtype=dtype)
+def build(hook, options, ddp_kwargs, dtype=torch.float32, state_dict=None, with_model=True, on_mismatch="error",
+          dead_branch=False):
+    model = Net(dtype=dtype, dead_branch=dead_branch)
     ddp = DDP(model, **ddp_kwargs)
     state = None
     if hook is not None:
         opts = dict(options)
         if "compressor" in opts:
             opts["compressor"] = compressor_from(opts["compressor"])
-        state, fn = hooks.make(hook, model=model, **opts)
+        state, fn = hooks.make(hook, model=model if with_model else None, **opts)
         if state_dict is not None:
-            state.load_state_dict(torch.load(io.BytesIO(state_dict), weights_only=True))
+            state.load_state_dict(torch.load(io.BytesIO(state_dict), weights_only=True), on_mismatch=on_mismatch)
         ddp.register_comm_hook(state, fn)
     return model, ddp, state
 
 
 def train(rank, world_size, hook=None, options=None, steps=10, ddp_kwargs=None, dtype=torch.float32,
-          start_step=0, checkpoint=None, save_at=None, lr=0.05, inf_at=None, snapshots=()):
-    """Train ``steps`` SGD steps; returns flat parameters (+ a checkpoint at ``save_at``, + stats)."""
+          start_step=0, checkpoint=None, save_at=None, lr=0.05, inf_at=None, snapshots=(), with_model=True,
+          gather=False, on_mismatch="error", dead_branch=False):
+    """Train ``steps`` SGD steps; returns flat parameters (+ a checkpoint at ``save_at``, + stats).
+
+    ``checkpoint``: one saved checkpoint for every rank, or a list (rank i loads entry i);
+    ``gather``: save every rank's hook state in one dict (``hooks.gather_state_dict``)."""
     ddp_kwargs = dict(ddp_kwargs or {})
+    if isinstance(checkpoint, list):
+        checkpoint = checkpoint[rank]
     model, ddp, state = build(hook, options or {}, ddp_kwargs, dtype,
-                              state_dict=checkpoint["hook"] if checkpoint else None)
+                              state_dict=checkpoint["hook"] if checkpoint else None, with_model=with_model,
+                              on_mismatch=on_mismatch, dead_branch=dead_branch)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     if checkpoint:
         model.load_state_dict(torch.load(io.BytesIO(checkpoint["model"]), weights_only=True))
@@ -113,7 +126,8 @@ def train(rank, world_size, hook=None, options=None, steps=10, ddp_kwargs=None, 
         if save_at is not None and step + 1 == save_at:
             buf_model, buf_hook = io.BytesIO(), io.BytesIO()
             torch.save(model.state_dict(), buf_model)
-            torch.save(state.state_dict() if state else {}, buf_hook)
+            torch.save((hooks.gather_state_dict(state) if gather else state.state_dict()) if state else {},
+                       buf_hook)
             saved = {"model": buf_model.getvalue(), "hook": buf_hook.getvalue()}
     flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
     return {"params": flat, "checkpoint": saved, "stats": state.stats() if state else None,
