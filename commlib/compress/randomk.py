@@ -1,5 +1,7 @@
 """Random-k sparsification with indices from a shared seed (Stich et al., 2018)."""
 
+import math
+
 import torch
 
 from commlib.compress.base import Compressor, Payload, derive_seed, numel_of, require_fraction, require_int
@@ -62,8 +64,10 @@ class RandomK(Compressor):
         if self.unbiased and k:
             values = values * (n / k)
         # A non-finite value outside the sample must still reach the receiver (GradScaler has to
-        # see the overflow): sum * 0 is 0 for finite input and NaN otherwise.
-        values = values + (flat.sum(dtype=torch.float32) * 0).to(values.dtype)
+        # see the overflow): a guard that is 0 for finite input and NaN otherwise (not sum * 0,
+        # which overflows to NaN for large finite values).
+        guard = torch.where(torch.isfinite(flat).all(), 0.0, math.nan).to(values.dtype)
+        values = values + guard
         return Payload((values,), tensor.shape, tensor.dtype, context=(indices,))
 
     def decompress(self, payload):

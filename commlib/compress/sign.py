@@ -12,7 +12,8 @@ class Sign(Compressor):
     ``decompress`` gives ``scale * sign(x)`` with ``scale = mean |x|`` over the chunk (Karimireddy
     et al., 2019, EF-signSGD: ``||x||_1 / d`` makes ``C`` a contraction, the right partner for
     error feedback). ``scaled=False`` reconstructs ``±1`` and sends one float32 guard per tensor
-    (0, or NaN when the input holds inf/NaN) so an overflow still reaches the receiver.
+    (1; 0 for an all-zero tensor, which then stays zero; NaN when the input holds inf/NaN, so an
+    overflow still reaches the receiver).
 
     Arguments:
         scaled: send the per-chunk scale (default True).
@@ -52,7 +53,8 @@ class Sign(Compressor):
     def compress(self, tensor, *, seed=0):
         packed, scales = ops.sign_pack(tensor, self.chunk_size)
         if not self.scaled:
-            guard = (scales.sum() * 0).reshape(1)  # 0, or NaN if any |x| is inf/NaN
+            total = scales.sum()
+            guard = ((total > 0).float() + total * 0).reshape(1)  # 1; 0 if all zero; NaN if any |x| is inf/NaN
             return Payload((packed, guard), tensor.shape, tensor.dtype)
         return Payload((packed, scales), tensor.shape, tensor.dtype)
 
@@ -60,7 +62,7 @@ class Sign(Compressor):
         n = numel_of(payload.shape)
         packed, scales = payload.tensors
         if not self.scaled:
-            scales = torch.ones(self._chunks(n), dtype=torch.float32, device=packed.device) + scales
+            scales = scales.expand(self._chunks(n)).contiguous()
         return ops.sign_unpack(packed, scales, n, self.chunk_size, payload.dtype).view(payload.shape)
 
     def nbytes(self, shape, dtype=torch.float32):

@@ -24,15 +24,20 @@ inline uint32_t pack_word_f32(const float* p, double& abs_sum) {
   }
   alignas(16) float lanes[4];
   _mm_store_ps(lanes, acc);
-  abs_sum += (static_cast<double>(lanes[0]) + lanes[1]) + (static_cast<double>(lanes[2]) + lanes[3]);
+  double sum = (static_cast<double>(lanes[0]) + lanes[1]) + (static_cast<double>(lanes[2]) + lanes[3]);
 #else
   float acc = 0.0f;
   for (int j = 0; j < 32; ++j) {
     word |= sign_bit(p[j]) << j;
     acc += std::fabs(p[j]);
   }
-  abs_sum += acc;
+  double sum = acc;
 #endif
+  if (!std::isfinite(sum)) {  // float lanes overflowed (|x| near FLT_MAX): redo in double like the reference
+    sum = 0.0;
+    for (int j = 0; j < 32; ++j) sum += std::fabs(static_cast<double>(p[j]));
+  }
+  abs_sum += sum;
   return word;
 }
 

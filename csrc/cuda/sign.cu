@@ -16,14 +16,14 @@ __global__ void sign_pack_kernel(const T* __restrict__ x, int64_t n, int64_t wor
   const int64_t base = w * 32;
   const int count = n - base < 32 ? static_cast<int>(n - base) : 32;
   uint32_t word = 0;
-  float abs_sum = 0.0f;
+  double abs_sum = 0.0;  // double like the reference: 32 values near FLT_MAX must not overflow
   for (int j = 0; j < count; ++j) {
     const float v = to_float(x[base + j]);
     word |= sign_bit(v) << j;
-    abs_sum += fabsf(v);
+    abs_sum += fabs(static_cast<double>(v));
   }
   packed[w] = word;
-  atomicAdd(&chunk_abs_sum[w / words_per_chunk], static_cast<double>(abs_sum));
+  atomicAdd(&chunk_abs_sum[w / words_per_chunk], abs_sum);
 }
 
 __global__ void finish_scales_kernel(const double* __restrict__ sums, int64_t chunks, int64_t chunk, int64_t n,

@@ -1,6 +1,7 @@
 """Gradient codes, the (B, W, lambda) straggler model, and SR-SGC / M-SGC with real vector arithmetic."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -128,3 +129,51 @@ def test_gc_fails_where_sequential_codes_succeed():
     for scheme in (coding.SRSGC(n, B, W, lam), coding.MSGC(n, B, W, lam)):
         result = scheme.simulate(pattern, 10)
         assert result.all_decoded and max(result.max_error) < 1e-9
+
+
+# ------------------------------------------------------------------------------------------------ scale
+def test_codes_and_schemes_build_at_n_256_in_seconds_and_bounded_memory():
+    """The papers' worker counts: C(256, 16) ~ 1e25 straggler sets are sampled, never enumerated
+    (the cyclic code used to build the list of all of them and die with MemoryError)."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        for build in (lambda: coding.CyclicRepetition(256, 16), lambda: coding.FractionalRepetition(256, 15),
+                      lambda: coding.SRSGC(256, 2, 5, 16), lambda: coding.MSGC(256, 2, 5, 16)):
+            start = time.perf_counter()
+            built = build()
+            assert time.perf_counter() - start < 20.0, built
+        assert tracemalloc.get_traced_memory()[1] < 64 * 2**20  # bytes at the peak
+    finally:
+        tracemalloc.stop()
+
+
+def test_n_256_codes_decode_sampled_straggler_sets_exactly():
+    rng = np.random.default_rng(5)
+    cyclic = coding.CyclicRepetition(256, 16)
+    frc = coding.FractionalRepetition(256, 15)
+    for code in (cyclic, frc):
+        assert code.normalized_load == 17 / 256 if code is cyclic else 16 / 256
+        for _ in range(6):
+            stragglers = set(rng.choice(256, code.s, replace=False).tolist())
+            a = code.decode([i for i in range(256) if i not in stragglers])
+            assert np.abs(a @ code.B - 1.0).max() < 1e-8
+            assert all(a[i] == 0 for i in stragglers)
+    with pytest.raises(coding.Undecodable):  # s + 1 stragglers of one FRC group
+        frc.decode([i for i in range(256) if i >= 16])
+
+
+def test_n_256_schemes_have_the_formula_loads_and_decode_sampled_bursts():
+    model = coding.StragglerModel(B=2, W=5, lam=16)
+    sr = coding.SRSGC(256, 2, 5, 16)
+    ms = coding.MSGC(256, 2, 5, 16)
+    assert sr.s == math.ceil(2 * 16 / (5 - 1 + 2)) and sr.normalized_load == (sr.s + 1) / 256
+    assert ms.normalized_load == pytest.approx(17 * 6 / (256 * (2 + 4 * 17)))
+    pattern = model.sample(256, 12, np.random.default_rng(3), start_probability=0.02)
+    assert model.check(pattern)
+    for scheme in (sr, ms):
+        sim = scheme.simulate(pattern, jobs=6, dim=2)
+        assert sim.all_decoded and max(sim.max_error) < 1e-6
+        assert sim.work.max(axis=1).max() == pytest.approx(scheme.normalized_load)
