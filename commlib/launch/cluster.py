@@ -291,10 +291,14 @@ def _collect(procs: list[subprocess.Popen], timeout: float, grace: float = 20.0)
                 p.kill()
         for t in readers:
             t.join(timeout=10)
+    for p in procs:
+        p.wait()
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     if failed:  # name the node that failed on its own before the ones killed after it
         i = next((i for i in failed if procs[i].returncode != -signal.SIGKILL), failed[0])
-        raise RuntimeError(f"node {i} exited with {procs[i].returncode}:\n{(errors[i] or '')[-4000:]}")
+        codes = ", ".join(f"node {j}: {p.returncode}" for j, p in enumerate(procs))
+        others = "".join(f"\n--- node {j} stderr ---\n{(errors[j] or '')[-1500:]}" for j in failed if j != i)
+        raise RuntimeError(f"node {i} exited with {procs[i].returncode} ({codes}):\n{(errors[i] or '')[-4000:]}{others}")
     return outputs
 
 
