@@ -8,7 +8,9 @@ resident set size (``/proc/self/statm``), thread count and open file descriptors
 Reported per hook and rank: the least-squares slope of RSS after the warm-up (the first 20% of
 steps), in bytes per step and KiB per 1000 steps, the RSS range after warm-up, and the thread and
 fd counts at the first sample after warm-up and at the end (with the hook state closed at the end,
-its thread and group must be gone). Then one process builds, binds and closes 50 states: process
+its thread and group must be gone). The first row, ``none``, is DDP without a hook in the same
+loop: its slope (the loop's, DDP's and the allocator's own growth) is the baseline each hook's
+``excess`` is measured against. Then one process builds, binds and closes 50 states: process
 groups, threads and fds before and after. Writes ``benchmarks/results/soak.json``.
 """
 
@@ -38,6 +40,7 @@ from hooks.ddp_harness import Net, batch  # noqa: E402
 from commlib import coding, compress, hooks  # noqa: E402
 
 HOOKS = {
+    "none": None,  # the baseline: DDP's own allreduce, no hook, same loop
     "allreduce": {},
     "fp16": {},
     "bf16": {},
@@ -75,16 +78,16 @@ def soak_rank(rank: int, world: int, name: str, steps: int) -> dict:
     torch.manual_seed(0)
     model = Net()
     ddp = DDP(model, bucket_cap_mb=0.004)
-    options = dict(HOOKS[name])
-    method = name.split("-")[0]
-    if method == "gc":
-        options = {"code": coding.FractionalRepetition(world, world - 1)}
-    if method == "agvm":
-        options["model"] = model
-    elif method not in ("gc", "dp_ef"):
-        options["model"] = model
-    state, hook = hooks.make(method, **options)
-    ddp.register_comm_hook(state, hook)
+    state = None
+    if HOOKS[name] is not None:
+        options = dict(HOOKS[name])
+        method = name.split("-")[0]
+        if method == "gc":
+            options = {"code": coding.FractionalRepetition(world, world - 1)}
+        elif method != "dp_ef":
+            options["model"] = model
+        state, hook = hooks.make(method, **options)
+        ddp.register_comm_hook(state, hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.02)
     samples = []
     start = time.perf_counter()
@@ -96,8 +99,9 @@ def soak_rank(rank: int, world: int, name: str, steps: int) -> dict:
         if (step + 1) % SAMPLE_EVERY == 0:
             samples.append({"step": step + 1, **process_counts()})
     seconds = time.perf_counter() - start
-    stats = state.stats()
-    state.close()
+    stats = state.stats() if state is not None else {"step": steps}
+    if state is not None:
+        state.close()
     time.sleep(0.1)
     closed = process_counts()
     warm = [s for s in samples if s["step"] > steps // 5]
@@ -120,18 +124,23 @@ def _worker(rank, world, store, name, steps, results):
         dist.destroy_process_group()
 
 
-def run_hook(name: str, steps: int, world: int = 2) -> list[dict]:
+def _in_world(target, args, world: int, timeout: float) -> list:
+    """Run ``target(rank, world, store_path, *args, results)`` in a forked gloo world; per-rank results."""
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "store"), name, steps, results))
+        procs = [ctx.Process(target=target, args=(r, world, os.path.join(tmp, "store"), *args, results))
                  for r in range(world)]
         for p in procs:
             p.start()
-        out = [results.get(timeout=900) for _ in procs]
+        out = [results.get(timeout=timeout) for _ in procs]
         for p in procs:
             p.join(30)
     return [r for _, r in sorted(out, key=lambda x: x[0])]
+
+
+def run_hook(name: str, steps: int, world: int = 2) -> list[dict]:
+    return _in_world(_worker, (name, steps), world, 900)
 
 
 def _churn(rank, world, store, count, results):
@@ -151,17 +160,7 @@ def _churn(rank, world, store, count, results):
 
 
 def churn(count: int = 50, world: int = 2) -> list[dict]:
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_churn, args=(r, world, os.path.join(tmp, "store"), count, results))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        out = [results.get(timeout=300) for _ in procs]
-        for p in procs:
-            p.join(30)
-    return [r for _, r in sorted(out, key=lambda x: x[0])]
+    return _in_world(_churn, (count,), world, 300)
 
 
 def main() -> None:
@@ -172,13 +171,19 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# python benchmarks/soak.py --steps {args.steps}", flush=True)
     report = {"steps": args.steps, "world": 2, "sample_every": SAMPLE_EVERY, "hooks": {}}
-    print(f"{'hook':<20} {'s':>6} {'RSS slope KiB/1000 steps':>26} {'RSS MiB after warm-up':>22} "
+    print(f"{'hook':<20} {'s':>6} {'RSS slope KiB/1000 steps (vs none)':>26} {'RSS MiB after warm-up':>22} "
           f"{'threads warm/end/closed':>24} {'fds warm/end/closed':>20}")
+    baseline = None
     for name in args.hooks:
         ranks = run_hook(name, args.steps)
         report["hooks"][name] = ranks
+        if name == "none":
+            baseline = [r["rss_slope_kib_per_1000_steps"] for r in ranks]
         for r in ranks:
-            print(f"{name + ' r' + str(r['rank']):<20} {r['seconds']:>6.1f} {r['rss_slope_kib_per_1000_steps']:>26.1f} "
+            if baseline is not None:
+                r["excess_kib_per_1000_steps"] = r["rss_slope_kib_per_1000_steps"] - baseline[r["rank"]]
+            print(f"{name + ' r' + str(r['rank']):<20} {r['seconds']:>6.1f} {r['rss_slope_kib_per_1000_steps']:>14.1f} "
+                  f"{r.get('excess_kib_per_1000_steps', 0.0):>+11.1f} "
                   f"{r['rss_after_warmup_mib'][0]:>10.1f}-{r['rss_after_warmup_mib'][1]:<10.1f} "
                   f"{str(r['threads']):>24} {str(r['fds']):>20}", flush=True)
     report["churn_50_states"] = churn(50)

@@ -114,6 +114,10 @@ class OrderedQueue:
         kwargs = {"timeout": timeout} if timeout is not None else {}
         # A private copy of the group: only this queue's thread issues collectives on it.
         self.group = dist.new_group(ranks=ranks, backend=dist.get_backend(base), **kwargs)
+        # every rank's side of the new mesh is connected before any rank may use or destroy it
+        # (a peer closing its group while another still connects: "Connection closed by peer")
+        if dist.get_backend(base) == "gloo" and len(ranks) > 1:
+            _collective(dist.barrier, group=self.group)
         self.comm = Comm(self.group)
         global _queues_made
         _queues_made += 1

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from commlib.coding.ddp import GradientCodingState
+from commlib.comm.queue import PeerFailure
 from commlib.hooks.agvm import AGVMState, param_groups_by_module, propose_groups
 from commlib.hooks.allreduce import AllreduceState, CastState
 from commlib.hooks.dp_ef import DPErrorFeedbackState
@@ -78,7 +79,7 @@ def make(name: str, process_group=None, **options):
     return _REGISTRY[name](process_group, **options), commlib_hook
 
 
-__all__ = ["AGVMState", "AllreduceState", "CastState", "DPErrorFeedbackState", "EF21State", "EF21WState", "ErrorFeedbackState", "HookState", "LGreCoEFState", "LGreCoPowerSGDState",
+__all__ = ["AGVMState", "AllreduceState", "CastState", "DPErrorFeedbackState", "EF21State", "EF21WState", "ErrorFeedbackState", "HookState", "LGreCoEFState", "LGreCoPowerSGDState", "PeerFailure",
            "PowerSGDState", "commlib_hook",
            "compressor_alpha", "ef21_stepsize", "ef21_stepsize_from_smoothness", "ef21_theta_beta",
            "ef21w_stepsize", "ef21w_weights", "gather_state_dict", "make", "names", "param_groups_by_module", "propose_groups", "register"]
