@@ -342,12 +342,18 @@ class AGVMState:
 
     def state_dict(self) -> dict:
         return {"method": "agvm", "step": self.step, "mu": self.mu.clone(), "history": list(self.history),
+                "groups": list(self.group_names), "options": self.options(),
                 "extra_bytes_total": self.extra_bytes_total,
                 "inner": self.inner_state.state_dict() if hasattr(self.inner_state, "state_dict") else {}}
 
     def load_state_dict(self, state: dict, *, on_mismatch: str = "error") -> None:
         if state.get("method") != "agvm":
             raise ValueError(f"state_dict is for hook {state.get('method')!r}, not 'agvm'")
+        if state.get("groups") != list(self.group_names):
+            raise ValueError(f"agvm state was saved for module groups {state.get('groups')}, this state has "
+                             f"{list(self.group_names)}: mu holds one multiplier per group, in order")
+        if state.get("options") != self.options():
+            raise ValueError(f"agvm state was saved with other options: {state.get('options')} (now {self.options()})")
         self.step = int(state["step"])
         self.mu = state["mu"].clone().double()
         self.history = list(state["history"])
@@ -357,6 +363,9 @@ class AGVMState:
                 self.inner_state.load_state_dict(state["inner"], on_mismatch=on_mismatch)
             else:
                 self.inner_state.load_state_dict(state["inner"])
+
+    def options(self) -> dict:
+        return {"tau": self.tau, "momentum": self.momentum, "estimator": self.estimator, "start_iter": self.start_iter}
 
     def __getstate__(self):
         if self.queue is not None:

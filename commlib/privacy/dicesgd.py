@@ -176,11 +176,26 @@ class DiceSGD(DPOptimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def dice_state_dict(self) -> dict:
-        """E, the step count and the noise generator's state (tensors and ints)."""
+        """E, the step count and the noise generator's state (tensors and ints), with what a load
+        checks: E's shapes, and the batch size and C2 that fix its units (E is identical on every
+        rank, so any rank's state fits any rank)."""
         return {"error": [e.clone() for e in self.error], "dice_steps": self.dice_steps,
-                "generator": self.generator.get_state() if self.generator is not None else None}
+                "generator": self.generator.get_state() if self.generator is not None else None,
+                "shapes": [list(e.shape) for e in self.error], "expected_batch_size": self.error_clip_scale,
+                "error_max_grad_norm": self.error_max_grad_norm}
 
     def load_dice_state_dict(self, state: dict) -> None:
+        if "shapes" not in state:
+            raise ValueError("DiceSGD state without its shapes and units (saved by an older commlib): refusing it")
+        shapes = [list(e.shape) for e in self.error]
+        if state["shapes"] != shapes:
+            raise ValueError(f"DiceSGD state does not fit these parameters: saved shapes {state['shapes'][:4]}..., "
+                             f"now {shapes[:4]}...")
+        for name, now in [("expected_batch_size", self.error_clip_scale),
+                          ("error_max_grad_norm", self.error_max_grad_norm)]:
+            if float(state[name]) != now:
+                raise ValueError(f"DiceSGD state was saved with {name}={state[name]} (now {now}): the fed-back "
+                                 "error E is in sum units of that batch and clipped at that norm")
         self.error = [e.clone() for e in state["error"]]
         self.dice_steps = int(state["dice_steps"])
         if state["generator"] is not None:

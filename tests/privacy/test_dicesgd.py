@@ -191,3 +191,18 @@ def test_inside_ddp_with_the_dp_ef_hook():
     outside = run_world(_distributed, 2, kwargs=dict(steps=10, noise=1.3, seed=11))
     assert torch.equal(inside[0], inside[1])
     assert torch.equal(inside[0], outside[0]["params"])
+
+
+def test_a_state_of_other_units_or_shapes_is_refused():
+    model, opt = make(1.1)
+    for t in range(3):
+        step(model, opt, *data(t))
+    saved = opt.state_dict()
+    _, other_c2 = make(1.1, c2=3.0)
+    with pytest.raises(ValueError, match="error_max_grad_norm=1.5"):
+        other_c2.load_state_dict(saved)
+    wider = GradSampleModule(torch.nn.Linear(D + 1, 1).double())
+    other_shape = DiceSGD(torch.optim.SGD(wider.parameters(), lr=LR), noise_multiplier=1.1, max_grad_norm=1.0,
+                          error_max_grad_norm=1.5, expected_batch_size=B, process_group=False, noise_seed=7)
+    with pytest.raises(ValueError, match="does not fit these parameters"):
+        other_shape.load_dice_state_dict(saved["dice"])
