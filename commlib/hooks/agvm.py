@@ -352,8 +352,6 @@ class AGVMState:
         if state.get("groups") != list(self.group_names):
             raise ValueError(f"agvm state was saved for module groups {state.get('groups')}, this state has "
                              f"{list(self.group_names)}: mu holds one multiplier per group, in order")
-        if state.get("options") != self.options():
-            raise ValueError(f"agvm state was saved with other options: {state.get('options')} (now {self.options()})")
         self.step = int(state["step"])
         self.mu = state["mu"].clone().double()
         self.history = list(state["history"])

@@ -70,15 +70,12 @@ def test_cast_state_rejects_other_dtypes():
         hooks.CastState(dtype=torch.float32)
 
 
-def test_agvm_state_refuses_other_groups_or_options_before_any_process_group():
+def test_agvm_state_refuses_other_module_groups_before_any_process_group():
     from torch import nn
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     saved, _ = hooks.make("agvm", model=model, groups={"a": ["0."], "b": ["1."]}, tau=5)
     state = {"method": "agvm", "groups": list(saved.group_names), "options": saved.options()}  # what it records
     other, _ = hooks.make("agvm", model=model, groups={"b": ["1."], "a": ["0."]}, tau=5)
-    with pytest.raises(ValueError, match="saved for module groups"):
-        other.load_state_dict(state)
-    other, _ = hooks.make("agvm", model=model, groups={"a": ["0."], "b": ["1."]}, tau=7)
-    with pytest.raises(ValueError, match="saved with other options"):
+    with pytest.raises(ValueError, match="saved for module groups"):  # mu holds one multiplier per group
         other.load_state_dict(state)
