@@ -454,11 +454,6 @@ class HookState:
             self.resets += 1
         self.load_buffers_state(buffers)
         self._expected_shapes = {k: list(v) for k, v in mine["params"].items()} or None
-        if not self._layout_open and self._expected_shapes is not None:
-            wrong = {k: v for k, v in self.param_shapes.items() if self._expected_shapes.get(k) != v}
-            if wrong or set(self._expected_shapes) != set(self.param_shapes):
-                raise ValueError(f"loaded {self.name} hook state does not fit this model (parameters "
-                                 f"{sorted(set(wrong) | (set(self._expected_shapes) ^ set(self.param_shapes)))[:5]})")
 
     def _unfit(self, mine: dict) -> str | None:
         """Why a saved part cannot be loaded here under any policy (None if it can)."""
@@ -472,6 +467,10 @@ class HookState:
         if differ:
             return (f"{self.name} hook state was saved with other options: "
                     + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in sorted(differ.items())))
+        saved = {k: list(v) for k, v in mine["params"].items()}
+        if saved and not self._layout_open and saved != self.param_shapes:  # this state has seen its model
+            differ = sorted(k for k in set(saved) | set(self.param_shapes) if saved.get(k) != self.param_shapes.get(k))
+            return f"loaded {self.name} hook state does not fit this model (parameters {differ[:5]})"
         missing = sorted(set(filter(None, mine["tensor_keys"].split("\n"))) - set(tensor_keys(mine["buffers"])))
         if missing:
             return (f"{self.name} hook state lacks {len(missing)} saved tensors (e.g. {missing[0]!r}): "

@@ -273,3 +273,16 @@ def test_a_state_built_and_pickled_before_init_trains_with_identical_ranks():
     out = run_world(_late_binding, 2, args=(pickle.dumps(state),))
     assert torch.equal(out[0]["params"], out[1]["params"])
     assert all(r["stats"]["bytes_sent"] > 0 and r["stats"]["compression_ratio"] > 1 for r in out)
+
+
+def _wider_model_loads(rank, world_size, checkpoint):
+    model, ddp, state = build("powersgd", {"rank": 2}, SMALL_BUCKETS, dead_branch=True)  # one more layer
+    x, y = batch(rank, 0)
+    torch.nn.functional.mse_loss(ddp(x), y).backward()  # the state has seen its model now
+    state.load_state_dict(torch.load(io.BytesIO(checkpoint), weights_only=True))
+
+
+def test_a_state_of_another_model_is_refused():
+    _, checkpoints, _ = _first_run(*STATEFUL[2])
+    with pytest.raises(WorkerError, match="does not fit this model"):
+        run_world(_wider_model_loads, 2, args=(checkpoints[0]["hook"],))
