@@ -71,7 +71,8 @@ class HookStateful:
     def state_dict(self) -> dict:
         rank, world = self._rank_world()
         full = self.state.state_dict()
-        return {"world_size": world, "common": _to_bytes(_replicated_part(self.state, full)), f"rank{rank}": _to_bytes(full)}
+        return {"world_size": world, "common": _to_bytes(_replicated_part(self.state, full)),
+                f"rank{rank}": _to_bytes(full)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         rank, world = self._rank_world()
