@@ -26,7 +26,7 @@ import io
 import torch
 import torch.distributed as dist
 
-from commlib.hooks.state import ON_MISMATCH, require_initialized, tensor_keys
+from commlib.hooks.state import ON_MISMATCH, is_rank_key, require_initialized, tensor_keys, without_per_rank
 
 
 def _to_bytes(obj) -> bytes:
@@ -95,8 +95,8 @@ def _replicated_part(state_obj, full: dict) -> dict:
     out = dict(full)
     per_rank = getattr(state_obj, "per_rank_buffers", ())
     for key, part in full.items():
-        if key.startswith("rank") and key[4:].isdigit() and isinstance(part, dict) and "buffers" in part:
-            buffers = {k: ({} if k in per_rank else v) for k, v in part["buffers"].items()}
+        if is_rank_key(key) and isinstance(part, dict) and "buffers" in part:
+            buffers = without_per_rank(part["buffers"], per_rank)
             out[key] = {**part, "buffers": buffers, "tensor_keys": "\n".join(tensor_keys(buffers))}
     inner = getattr(state_obj, "inner_state", None)
     if inner is not None and isinstance(full.get("inner"), dict):

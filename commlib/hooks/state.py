@@ -185,11 +185,10 @@ class HookState:
     # ------------------------------------------------------------------ DDP entry point
     def run(self, bucket: dist.GradBucket) -> torch.futures.Future:
         try:
-            self.bind()
             step = self.step
             is_last = bucket.is_last()
             buffer = bucket.buffer()
-            views = self.param_views(bucket)
+            views = self.param_views(bucket)  # binds the state at its first call
             if is_last:
                 self.step += 1
                 self._close_layout()
@@ -449,7 +448,7 @@ class HookState:
         self.resets = int(mine["resets"])
         buffers = mine["buffers"]
         if problems:
-            buffers = {k: ({} if k in self.per_rank_buffers else v) for k, v in buffers.items()}
+            buffers = without_per_rank(buffers, self.per_rank_buffers)
             self.dense_until = self.step + self.start_iter
             self.resets += 1
         self.load_buffers_state(buffers)
@@ -522,8 +521,18 @@ def check_format(state, method: str) -> None:
         raise ValueError(f"state_dict is for hook {state.get('method')!r}, not {method!r}")
 
 
+def is_rank_key(key) -> bool:
+    """``rank{r}``: the key of one rank's part of a state dict."""
+    return isinstance(key, str) and key.startswith("rank") and key[4:].isdigit()
+
+
 def saved_ranks(state: dict) -> list[int]:
-    return sorted(int(k[4:]) for k in state if k.startswith("rank") and k[4:].isdigit())
+    return sorted(int(k[4:]) for k in state if is_rank_key(k))
+
+
+def without_per_rank(buffers: dict, names) -> dict:
+    """``buffers`` with the entries in ``names`` (those that belong to one rank) emptied."""
+    return {k: ({} if k in names else v) for k, v in buffers.items()}
 
 
 def pick_rank_state(state: dict, rank: int, world: int, method: str) -> tuple[dict, list[str]]:
