@@ -1,0 +1,125 @@
+"""A block-quantized parameter all-gather for FSDP2 (``FSDPModule.set_custom_all_gather``): ZeRO++'s qwZ.
+
+Each rank quantizes its parameter shard to int8 with one float32 scale per block of ``block_size``
+values (symmetric, round to nearest: ``q = round(x / s)``, ``s = max|x| / 127``), all-gathers codes
+and scales, and every rank dequantizes every slot, its own included, so all ranks compute with the
+same weights. The optimizer keeps stepping the full-precision sharded parameters (the master
+copy); only the gathered copy used by forward and backward is rounded, by at most ``s / 2`` per
+value. Wang et al. 2023 (ZeRO++), Sec. 4.1.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather
+
+from commlib.compress.base import require_int
+
+
+def quantize_int8_blocks(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes int8 (nblocks * block_size,), scales float32 (nblocks,))`` of a flat tensor, zero-padded."""
+    n = x.numel()
+    blocks = -(-n // block_size)
+    padded = torch.zeros(blocks * block_size, dtype=torch.float32, device=x.device)
+    padded[:n] = x.reshape(-1)
+    view = padded.view(blocks, block_size)
+    scales = view.abs().amax(dim=1) / 127.0
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(view / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes.view(-1), scales
+
+
+def dequantize_int8_blocks(codes: torch.Tensor, scales: torch.Tensor, numel: int, block_size: int) -> torch.Tensor:
+    """float32 ``(numel,)`` from :func:`quantize_int8_blocks`'s output."""
+    return (codes.view(-1, block_size).float() * scales[:, None]).view(-1)[:numel]
+
+
+def message_bytes(numel: int, block_size: int) -> int:
+    blocks = -(-numel // block_size)
+    return blocks * block_size + 4 * blocks
+
+
+class QuantizedAllGather(AllGather):
+    """The all-gather of one FSDP module. Inputs that are not floating point (FSDP's uint8 byte view
+    of mixed-dtype groups) are gathered unchanged."""
+
+    def __init__(self, block_size: int = 256):
+        self.block_size = require_int("block_size", block_size, 8)
+        self.bytes_sent = self.bytes_dense = 0
+        self.total_bytes_sent = self.total_bytes_dense = 0
+        self.calls = 0
+        self.seconds = 0.0
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        started = time.perf_counter()
+        world = dist.get_world_size(group)
+        numel = input_tensor.numel()
+        dense = (world - 1) * numel * input_tensor.element_size()
+        if not input_tensor.is_floating_point():
+            dist.all_gather_single(output_tensor, input_tensor.contiguous(), group=group)
+            sent = dense
+        else:
+            codes, scales = quantize_int8_blocks(input_tensor, self.block_size)
+            size = message_bytes(numel, self.block_size)
+            send = torch.empty(size, dtype=torch.uint8, device=input_tensor.device)
+            send[: codes.numel()].copy_(codes.view(torch.uint8))
+            send[codes.numel() :].copy_(scales.view(torch.uint8))
+            recv = torch.empty(world * size, dtype=torch.uint8, device=input_tensor.device)
+            dist.all_gather_single(recv, send, group=group)
+            slots = output_tensor.view(world, numel)
+            for r, msg in enumerate(recv.view(world, size)):
+                values = dequantize_int8_blocks(msg[: codes.numel()].view(torch.int8),
+                                                msg[codes.numel() :].view(torch.float32), numel, self.block_size)
+                slots[r].copy_(values)
+            sent = (world - 1) * size
+        self.bytes_sent, self.bytes_dense = sent, dense
+        self.total_bytes_sent += sent
+        self.total_bytes_dense += dense
+        self.calls += 1
+        self.seconds += time.perf_counter() - started
+        return None
+
+
+class QuantizedGathers:
+    """The books of :func:`quantize_all_gather`: bytes per call and in total over every module."""
+
+    def __init__(self, comms: list[tuple[str, QuantizedAllGather]]):
+        self.comms = comms
+
+    def stats(self) -> dict:
+        sent = sum(c.total_bytes_sent for _, c in self.comms)
+        dense = sum(c.total_bytes_dense for _, c in self.comms)
+        return {"total_bytes_sent": sent, "total_bytes_dense": dense,
+                "compression_ratio": dense / sent if sent else 1.0,
+                "calls": sum(c.calls for _, c in self.comms), "seconds": sum(c.seconds for _, c in self.comms)}
+
+
+def quantize_all_gather(module: torch.nn.Module, block_size: int = 256) -> QuantizedGathers:
+    r"""Install :class:`QuantizedAllGather` on every ``fully_shard``-ed module under ``module``.
+
+    Off by default in commlib: it changes the forward pass (weights rounded to int8 blocks, about
+    0.4% of a block's max per value), so measure its effect on the loss (``benchmarks/bench_fsdp.py``).
+
+    Example::
+
+        >>> from commlib.fsdp import compress_gradients, quantize_all_gather      # doctest: +SKIP
+        >>> gathers = quantize_all_gather(model)                 # int8 weights on the wire (qwZ)
+        >>> state = compress_gradients(model, QSGD(bits=8))      # int8 gradients on the wire (qgZ)
+    """
+    from commlib.fsdp.state import fsdp_modules
+
+    found = fsdp_modules(module)
+    if not found:
+        raise ValueError("module has no fully_shard-ed (FSDPModule) parts: call fully_shard first")
+    comms = []
+    for name, m in found:
+        comm = QuantizedAllGather(block_size)
+        m.set_custom_all_gather(comm)
+        comms.append((name, comm))
+    return QuantizedGathers(comms)

@@ -1,0 +1,111 @@
+"""Rows of FSDP's reduce-scatter buffer as fixed-size byte messages (pure functions, no communication).
+
+FSDP2 hands a reduce-scatter the flat input viewed as ``(W, chunk)``: row ``j`` is every parameter's
+dim-0 slice that rank ``j`` owns, padded. A compressed reduce-scatter sends ``C(row_j)`` to rank ``j``
+(an all-to-all) and rank ``j`` sums the decoded rows it receives (ZeRO++'s qgZ, one hop). Compressed
+payloads of one row length have one byte size, so every message of the all-to-all is equally long.
+
+A row is cut into *segments* that are compressed separately: the whole row for element-wise
+compressors (cast, QSGD, sign, top-k, random-k), or one matrix per parameter for PowerSGD, whose
+low-rank factors need the parameter's shape (1-D parameters then travel dense).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from commlib.compress import Identity, Payload, PowerSGD
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``numel`` values of a row starting at ``offset``, compressed as a ``shape`` tensor."""
+
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        out = 1
+        for s in self.shape:
+            out *= s
+        return out
+
+
+def row_segments(chunk: int, param_shapes: list[tuple[int, ...]] | None, matrix_wise: bool) -> list[Segment]:
+    """How a row of ``chunk`` values is cut: one segment, or one per parameter (``param_shapes``
+    are the padded per-rank shard shapes in FSDP's order) when the compressor is matrix-wise."""
+    if not matrix_wise or not param_shapes:
+        return [Segment(0, (chunk,))]
+    out, offset = [], 0
+    for shape in param_shapes:
+        rows = shape[0] if shape else 1
+        rest = 1
+        for s in shape[1:]:
+            rest *= s
+        out.append(Segment(offset, (rows, rest) if len(shape) >= 2 else (rows * rest,)))
+        offset += rows * rest
+    if offset != chunk:
+        raise ValueError(f"parameter shards cover {offset} values of a {chunk}-value reduce-scatter row")
+    return out
+
+
+def segment_compressor(compressor, segment: Segment):
+    """PowerSGD compresses matrices only; its 1-D segments (biases, norms) go dense."""
+    if isinstance(compressor, PowerSGD) and len(segment.shape) < 2:
+        return Identity()
+    return compressor
+
+
+def payload_layout(payload: Payload) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
+    """``(shape, dtype, nbytes)`` of each wire tensor of a payload."""
+    return [(tuple(t.shape), t.dtype, t.numel() * t.element_size()) for t in payload.tensors]
+
+
+ALIGN = 8  # every wire tensor starts at a multiple of 8 bytes, so it is viewed in place on receipt
+
+
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def pack(payloads: list[Payload], out: torch.Tensor) -> torch.Tensor:
+    """Write the wire tensors of ``payloads`` into the uint8 vector ``out``, each 8-byte aligned."""
+    offset = 0
+    for payload in payloads:
+        for t in payload.tensors:
+            raw = t.contiguous().reshape(-1).view(torch.uint8)
+            out[offset : offset + raw.numel()].copy_(raw)
+            offset += aligned(raw.numel())
+    if offset != out.numel():
+        raise RuntimeError(f"packed {offset} bytes into a {out.numel()}-byte message")
+    return out
+
+
+def unpack(buffer: torch.Tensor, templates: list[Payload]) -> list[Payload]:
+    """The payloads in the uint8 ``buffer``, shaped like ``templates`` (this rank's own payloads of
+    the same row: same shapes, dtypes, and the shared-seed context such as random-k's indices)."""
+    out, offset = [], 0
+    for template in templates:
+        tensors = []
+        for shape, dtype, nbytes in payload_layout(template):
+            tensors.append(buffer[offset : offset + nbytes].view(dtype).view(shape))
+            offset += aligned(nbytes)
+        out.append(Payload(tuple(tensors), template.shape, template.dtype, template.context))
+    return out
+
+
+def message_bytes(payloads: list[Payload]) -> int:
+    """Bytes of the packed payloads, alignment included (what :func:`pack` writes)."""
+    return sum(aligned(t.numel() * t.element_size()) for p in payloads for t in p.tensors)
+
+
+def finite_flag(row: torch.Tensor) -> torch.Tensor:
+    """0 for a finite row, else its first non-finite value (float32): added to the receiver's sum it
+    lets an overflow through every compressor (random-k would drop most of the row's values)."""
+    finite = torch.isfinite(row)
+    if bool(finite.all()):
+        return torch.zeros((), dtype=torch.float32, device=row.device)
+    return row[~finite][0].float()

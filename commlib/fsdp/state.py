@@ -1,0 +1,225 @@
+"""``compress_gradients``: install a compressed reduce-scatter on every FSDP2 module of a model."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+
+from commlib.compress import Compressor
+from commlib.fsdp.reduce_scatter import CompressedReduceScatter
+from commlib.hooks.state import (FORMAT, ON_MISMATCH, check_format, pick_rank_state, require_initialized,
+                                 tensor_keys)
+
+RESIDUAL_DTYPES = {False: None, True: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def fsdp_modules(module: torch.nn.Module) -> list[tuple[str, FSDPModule]]:
+    """Every ``fully_shard``-ed module under (and including) ``module``, with its name, in module order."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, FSDPModule)]
+
+
+def padded_shard_shapes(module: FSDPModule) -> list[tuple[int, ...]]:
+    """The padded per-rank shard shape of each parameter, in FSDP's reduce-scatter order (private API:
+    FSDP hands the comm flat buffers only, so the matrix-wise compressors read the layout here)."""
+    groups = module._get_fsdp_state()._fsdp_param_groups
+    if len(groups) > 1:
+        raise ValueError("compress_gradients supports one parameter group per FSDP module (no shard_placement_fn "
+                         "with per-parameter meshes)")
+    return [tuple(p.padded_sharded_param_size) for g in groups for p in g.fsdp_params]
+
+
+class GradientCompression:
+    r"""The books of a compressed FSDP2 reduce-scatter; made by :func:`compress_gradients`.
+
+    ``stats()`` reports the last step's and the running bytes (``bytes_sent``, ``bytes_dense``,
+    ``compression_ratio``, ``per_module``, ``residual_bytes``); ``state_dict()`` holds this rank's
+    residuals and PowerSGD warm starts under ``rank{r}`` (weights_only, refused on another rank,
+    world size, model or option set unless ``on_mismatch="reset"``, which drops them). Checkpoint
+    it with ``torch.distributed.checkpoint`` through :class:`commlib.checkpoint.HookStateful`, or
+    with :func:`commlib.hooks.gather_state_dict` when rank 0 writes one file.
+    """
+
+    name = "fsdp_compress"
+    per_rank_buffers = ("residuals", "warm_q")
+
+    def __init__(self, compressor: Compressor, error_feedback=False, process_group=None, seed: int = 0):
+        if not isinstance(compressor, Compressor):
+            raise ValueError(f"compressor must be a commlib.compress.Compressor, got {type(compressor).__name__}")
+        if not (error_feedback is False or error_feedback is True or error_feedback in ("fp32", "bf16")):
+            raise ValueError(f"error_feedback must be False, True (float32 residual) or 'bf16', got {error_feedback!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        self.compressor = compressor
+        self.error_feedback = {False: False, True: "fp32"}.get(error_feedback, error_feedback)
+        self.residual_dtype = RESIDUAL_DTYPES[error_feedback]
+        self.process_group = process_group
+        self.seed = seed
+        self.comms: list[CompressedReduceScatter] = []
+        # random-k's indices are rebuilt by the receiver from the seed: every sender uses the row's seed
+        self.shared_seed = bool(compressor.compress(torch.zeros(8), seed=0).context)
+
+    def all_to_all(self, recv: torch.Tensor, send: torch.Tensor, group) -> None:
+        dist.all_to_all_single(recv.view(-1), send.view(-1), group=group)
+
+    # ------------------------------------------------------------------ reporting
+    def stats(self) -> dict:
+        sent = sum(c.bytes_sent for c in self.comms)
+        dense = sum(c.bytes_dense for c in self.comms)
+        return {
+            "method": self.name,
+            "compressor": repr(self.compressor),
+            "error_feedback": self.error_feedback,
+            "step": max((c.step for c in self.comms), default=0),
+            "bytes_sent": sent,
+            "bytes_dense": dense,
+            "compression_ratio": dense / sent if sent else 1.0,
+            "total_bytes_sent": sum(c.total_bytes_sent for c in self.comms),
+            "total_bytes_dense": sum(c.total_bytes_dense for c in self.comms),
+            "skipped_steps": max((c.skipped_steps for c in self.comms), default=0),
+            "residual_bytes": self.residual_bytes(),
+            "hook_seconds": sum(c.seconds for c in self.comms),
+            "per_module": {c.name: {"bytes_sent": c.bytes_sent, "bytes_dense": c.bytes_dense,
+                                    "compression_ratio": c.bytes_dense / c.bytes_sent if c.bytes_sent else 1.0,
+                                    "step": c.step}
+                           for c in self.comms},
+        }
+
+    def residual_bytes(self) -> int:
+        """Memory this rank holds for error feedback (and PowerSGD warm starts)."""
+        total = sum(c.residual.numel() * c.residual.element_size() for c in self.comms if c.residual is not None)
+        return total + sum(q.numel() * q.element_size() for c in self.comms for q in c.warm_q.values())
+
+    # ------------------------------------------------------------------ checkpoints
+    def options(self) -> dict:
+        return {"compressor": repr(self.compressor), "error_feedback": str(self.error_feedback), "seed": self.seed}
+
+    def _rank_world(self) -> tuple[int, int]:
+        require_initialized()
+        return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+
+    def buffers_state(self) -> dict:
+        return {
+            "residuals": {c.name or "root": c.residual for c in self.comms if c.residual is not None},
+            "warm_q": {f"{c.name or 'root'}/{j}/{s}": q for c in self.comms for (j, s), q in sorted(c.warm_q.items())},
+        }
+
+    def state_dict(self) -> dict:
+        rank, world = self._rank_world()
+        buffers = self.buffers_state()
+        mine = {
+            "rank": rank, "world_size": world, "method": self.name, "options": self.options(),
+            "modules": [c.name for c in self.comms],
+            "steps": [c.step for c in self.comms],
+            "skipped_steps": [c.skipped_steps for c in self.comms],
+            "totals": [[c.total_bytes_sent, c.total_bytes_dense] for c in self.comms],
+            "tensor_keys": "\n".join(tensor_keys(buffers)),
+            "buffers": buffers,
+        }
+        return {"format": FORMAT, "method": self.name, "world_size": world, f"rank{rank}": mine}
+
+    def load_state_dict(self, state: dict, *, on_mismatch: str = "error") -> None:
+        """Load a :meth:`state_dict` (or a gathered one). A state of another rank or world size
+        raises ValueError, or with ``on_mismatch="reset"`` restarts with empty residuals; other
+        options or another module list always raise. Every rank reaches the same verdict."""
+        if on_mismatch not in ON_MISMATCH:
+            raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
+        check_format(state, self.name)
+        rank, world = self._rank_world()
+        mine, problems = pick_rank_state(state, rank, world, self.name)
+        fatal = self._unfit(mine)
+        worst = self._any_rank(2 if fatal else 1 if problems else 0)
+        if fatal:
+            raise ValueError(fatal)
+        if worst == 2:
+            raise ValueError("fsdp_compress state: another rank refused its part of the checkpoint; nothing loaded")
+        if worst == 1 and on_mismatch == "error":
+            raise ValueError("fsdp_compress state: " + "; ".join(problems or ["another rank's part does not fit"])
+                             + ". Its error-feedback residuals belong to one rank: save every rank's state "
+                             "(commlib.checkpoint.HookStateful with DCP, or hooks.gather_state_dict), or pass "
+                             "on_mismatch='reset' to start with empty residuals")
+        buffers = mine["buffers"]
+        for c, step, skipped, (sent, dense) in zip(self.comms, mine["steps"], mine["skipped_steps"], mine["totals"]):
+            c.step, c.skipped_steps = int(step), int(skipped)
+            c.total_bytes_sent, c.total_bytes_dense = int(sent), int(dense)
+            key = c.name or "root"
+            c.residual = None
+            c.warm_q = {}
+            if worst == 1:
+                continue
+            if key in buffers["residuals"]:
+                c.residual = buffers["residuals"][key].clone()
+            for name, q in buffers["warm_q"].items():
+                owner, j, s = name.rsplit("/", 2)
+                if owner == key:
+                    c.warm_q[(int(j), int(s))] = q.clone()
+
+    def _unfit(self, mine: dict) -> str | None:
+        now = self.options()
+        differ = {k: (v, now.get(k)) for k, v in mine["options"].items() if now.get(k) != v}
+        if differ:
+            return ("fsdp_compress state was saved with other options: "
+                    + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in sorted(differ.items())))
+        if list(mine["modules"]) != [c.name for c in self.comms]:
+            return (f"fsdp_compress state was saved for FSDP modules {list(mine['modules'])[:4]}..., this model has "
+                    f"{[c.name for c in self.comms][:4]}...")
+        missing = sorted(set(filter(None, mine["tensor_keys"].split("\n"))) - set(tensor_keys(mine["buffers"])))
+        if missing:
+            return (f"fsdp_compress state lacks {len(missing)} saved tensors (e.g. {missing[0]!r}): checkpoint it "
+                    "with commlib.checkpoint.HookStateful(state)")
+        return None
+
+    def _any_rank(self, level: int) -> int:
+        if dist.get_world_size(self.process_group) == 1:
+            return level
+        flag = torch.tensor([level], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
+        return int(flag.item())
+
+    def remove(self) -> None:
+        """Put FSDP's default reduce-scatter back on every module."""
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
+        for c in self.comms:
+            c.module.set_custom_reduce_scatter(DefaultReduceScatter())
+        self.comms = []
+
+
+def compress_gradients(module: torch.nn.Module, compressor: Compressor, *, error_feedback=False,
+                       process_group=None, seed: int = 0) -> GradientCompression:
+    r"""Compress FSDP2's gradient reduce-scatter on every ``fully_shard``-ed module under ``module``.
+
+    Arguments:
+        module: the model after ``fully_shard`` (its submodules and itself).
+        compressor: any :mod:`commlib.compress` compressor. Element-wise ones compress each
+            destination's row of FSDP's flat buffer; PowerSGD compresses each parameter's shard rows
+            as a matrix (biases dense).
+        error_feedback: ``False``; ``True`` (a float32 residual of the padded unsharded gradient per
+            module: 4 bytes per parameter on every rank); ``"bf16"`` (the same residual in bfloat16:
+            half the memory, rounding the residual to 8 mantissa bits).
+        process_group: for the state's checks (FSDP passes its own group to each call).
+        seed: base of the per-(step, module, row) seeds of the stochastic compressors.
+
+    Example::
+
+        >>> import torch, torch.distributed as dist                                   # doctest: +SKIP
+        >>> from torch.distributed.fsdp import fully_shard
+        >>> from commlib.compress import QSGD
+        >>> from commlib.fsdp import compress_gradients
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+        >>> for layer in model: fully_shard(layer)
+        >>> fully_shard(model)
+        >>> state = compress_gradients(model, QSGD(bits=8))
+        >>> model(torch.randn(4, 64)).sum().backward()
+        >>> state.stats()["compression_ratio"]   # about 3.9
+    """
+    state = GradientCompression(compressor, error_feedback, process_group, seed)
+    found = fsdp_modules(module)
+    if not found:
+        raise ValueError("module has no fully_shard-ed (FSDPModule) parts: call fully_shard before compress_gradients")
+    for index, (name, m) in enumerate(found):
+        comm = CompressedReduceScatter(state, index, name, padded_shard_shapes(m))
+        comm.module = m
+        m.set_custom_reduce_scatter(comm)
+        state.comms.append(comm)
+    return state
