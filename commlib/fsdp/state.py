@@ -8,8 +8,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from commlib.compress import Compressor
 from commlib.fsdp.reduce_scatter import CompressedReduceScatter
-from commlib.hooks.state import (FORMAT, ON_MISMATCH, check_format, pick_rank_state, require_initialized,
-                                 tensor_keys)
+from commlib.hooks.state import FORMAT, ON_MISMATCH, check_format, pick_rank_state, require_initialized, tensor_keys
 
 RESIDUAL_DTYPES = {False: None, True: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -11,7 +11,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from commlib.checkpoint import HookStateful
 from commlib.compress import QSGD, Cast, Identity, PowerSGD, RandomK, Sign, TopK
-from commlib.fsdp import compress_gradients, quantize_all_gather
+from commlib.fsdp import QuantizedAllGather, compress_gradients, quantize_all_gather
 from commlib.fsdp.all_gather import dequantize_int8_blocks, quantize_int8_blocks
 from commlib.fsdp.codec import row_segments
 from commlib.fsdp.reduce_scatter import CompressedReduceScatter, reference_reduce_scatter
@@ -68,7 +68,8 @@ def test_identity_equals_plain_fsdp(world):
 
 @pytest.mark.parametrize("case", ["no_reshard", "accumulate", "bf16_reduce"])
 def test_identity_equals_plain_fsdp_composes(case):
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16) if case == "bf16_reduce" else None
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    mp = bf16 if case == "bf16_reduce" else None
     reshard = case != "no_reshard"
     accumulate = 3 if case == "accumulate" else 1
     for diff, steps in run_world(_identity_matches_plain, 2, args=(mp, reshard, accumulate)):
@@ -187,7 +188,7 @@ def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="FSDPModule"):
         compress_gradients(torch.nn.Linear(2, 2), Identity())
     with pytest.raises(ValueError, match="block_size"):
-        quantize_int8_blocks(torch.zeros(3), 0) if False else __import__("commlib.fsdp", fromlist=["x"]).QuantizedAllGather(0)
+        QuantizedAllGather(0)
 
 
 def _divide_factor(rank, world, force_sum):
