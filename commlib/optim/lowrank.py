@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 
 from commlib.compress.base import derive_seed
 from commlib.optim import projectors as pj
+from commlib.optim.sharded import CommCounter, local, row_shard_of, wrap
 
 INT_STATE_KEYS = ("dct_indices",)
 
@@ -49,12 +50,13 @@ def adam_moments_(exp_avg, exp_avg_sq, grad, beta1: float, beta2: float) -> None
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
 
 
-def advance_moments(state: dict, like: torch.Tensor, step_key: str) -> int:
-    """Create zero moments shaped like ``like`` on first use, count one more step; returns it."""
+def advance_moments(state: dict, like: torch.Tensor, step_key: str, zeros=None) -> int:
+    """Create zero moments shaped like ``like`` (or made by ``zeros()``) on first use, count one
+    more step; returns it."""
     if "exp_avg" not in state:
         state[step_key] = 0
-        state["exp_avg"] = torch.zeros_like(like)
-        state["exp_avg_sq"] = torch.zeros_like(like)
+        state["exp_avg"] = zeros() if zeros is not None else torch.zeros_like(like)
+        state["exp_avg_sq"] = zeros() if zeros is not None else torch.zeros_like(like)
     state[step_key] += 1
     return state[step_key]
 
@@ -82,17 +84,24 @@ def torch_adam_update(exp_avg, exp_avg_sq, step: int, beta1: float, beta2: float
     return (exp_avg / bc1) / (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
 
 
-def fira_scaling(direction: torch.Tensor, low_rank_grad: torch.Tensor) -> torch.Tensor:
+def fira_axis(shape) -> int:
+    """The axis Fira's norms run over: the projected one of an (m x r) or (r x n) low-rank tensor."""
+    return 0 if shape[0] < shape[1] else 1
+
+
+def fira_scaling(direction: torch.Tensor, low_rank_grad: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Fira's ``phi``: ratio of column norms of the Adam direction and the projected gradient,
-    along the side that was not projected, shaped to broadcast against the m x n residual."""
-    dim = 0 if direction.shape[0] < direction.shape[1] else 1
+    along the side that was not projected, shaped to broadcast against the m x n residual. ``dim``
+    (default :func:`fira_axis` of ``direction``'s shape) must come from the global shape on a shard."""
+    dim = fira_axis(direction.shape) if dim is None else dim
     phi = torch.norm(direction, dim=dim) / (torch.norm(low_rank_grad, dim=dim) + 1e-8)
     return phi.unsqueeze(1) if dim == 1 else phi
 
 
-def fira_limit(residual: torch.Tensor, previous_norm, gamma: float = 1.01):
-    """Norm-growth limiter: returns ``(residual', its recorded norm)`` with ``||S_t|| <= gamma ||S_{t-1}||``."""
-    norm = torch.norm(residual)
+def fira_limit(residual: torch.Tensor, previous_norm, gamma: float = 1.01, norm=None):
+    """Norm-growth limiter: returns ``(residual', its recorded norm)`` with ``||S_t|| <= gamma ||S_{t-1}||``.
+    ``norm``: the residual's norm when ``residual`` is one shard of it."""
+    norm = torch.norm(residual) if norm is None else norm
     if previous_norm is None:
         return residual, norm
     limiter = max(norm / (previous_norm + 1e-8), gamma) / gamma
@@ -127,6 +136,7 @@ class LowRankAdamW(Optimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
                     "correct_bias": correct_bias}
         super().__init__(params, defaults)
+        self.comm = CommCounter()
 
     # ------------------------------------------------------------------ groups
     def is_low_rank_group(self, group: dict) -> bool:
@@ -140,6 +150,8 @@ class LowRankAdamW(Optimizer):
             param_group[self.group_key] = options[self.group_key]
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        # how many matrices each group had: DeepSpeed ZeRO >= 1 swaps them for 1-D flat partitions
+        self.__dict__.setdefault("matrix_counts", []).append(sum(p.dim() >= 2 for p in group["params"]))
         if self.is_low_rank_group(group):
             for key, value in {**self.group_defaults, **options}.items():
                 group.setdefault(key, value)
@@ -154,34 +166,85 @@ class LowRankAdamW(Optimizer):
         _require("seed", seed, _is_int(seed) and seed >= 0, "an integer >= 0")
         for p in group["params"]:
             if p.dim() >= 2:
-                shape = tuple(pj.as_matrix(p).shape)
+                shape = pj.matrix_shape(p.shape)  # the global shape of a sharded (DTensor) parameter
                 pj.check_rank(self.group_rank(group, shape), shape, pj.side_for(shape, group["proj_type"]))
 
     def group_rank(self, group: dict, shape) -> int:
         return group["rank"]
 
     # ------------------------------------------------------------------ projector refresh
-    def refresh_projector(self, group: dict, p: torch.Tensor, state: dict, grad2d: torch.Tensor, index: int) -> None:
-        shape = tuple(grad2d.shape)
+    def refresh_projector(self, group: dict, p: torch.Tensor, state: dict, grad2d: torch.Tensor, index: int,
+                          shard=None) -> None:
+        """A new basis from ``grad2d`` (this rank's rows of it when ``shard`` is given; the side and rank
+        follow the global shape, and the collectives are those of :mod:`commlib.optim.sharded`)."""
+        shape = shard.shape if shard is not None else tuple(grad2d.shape)
         side = pj.side_for(shape, group["proj_type"])
         rank = self.group_rank(group, shape)
         state["side"] = side
         refresh = state.get("refreshes", 0)
         if group["projector"] == "svd":
-            if torch.isfinite(grad2d).all() or "basis" not in state:  # a non-finite gradient keeps the old one
-                state["basis"] = pj.svd_basis(grad2d, rank, side)
+            whole = self.comm.all_gather_rows(grad2d, shard) if shard is not None else grad2d
+            if torch.isfinite(whole).all() or "basis" not in state:  # a non-finite gradient keeps the old one
+                state["basis"] = self.stored_basis(pj.svd_basis(whole, rank, side), side, shard)
         elif group["projector"] == "random":
             seed = derive_seed(group["seed"], index, refresh)
-            state["basis"] = pj.random_basis(shape, rank, side, seed, grad2d.dtype, grad2d.device)
+            basis = pj.random_basis(shape, rank, side, seed, grad2d.dtype, grad2d.device)
+            state["basis"] = self.stored_basis(basis, side, shard)
         else:
-            if torch.isfinite(grad2d).all() or "dct_indices" not in state:
-                state["dct_indices"] = pj.dct_indices(grad2d, rank, side)
+            if shard is None:
+                scores = pj.dct_scores(grad2d, side)
+            elif side == pj.RIGHT:  # a sum over rows: add the shards' partial scores
+                scores = self.comm.all_reduce_(pj.dct_scores(grad2d, side).contiguous(), shard)
+            else:  # the DCT runs along the sharded rows
+                scores = pj.dct_scores(self.comm.all_gather_rows(grad2d, shard), side)
+            if torch.isfinite(scores).all() or "dct_indices" not in state:
+                state["dct_indices"] = pj.top_indices(scores, rank)
         state["refreshes"] = refresh + 1
 
-    def basis_of(self, state: dict, shape, dtype, device) -> torch.Tensor:
+    @staticmethod
+    def stored_basis(basis: torch.Tensor, side: int, shard) -> torch.Tensor:
+        """On a shard: a right basis (r x n) is replicated, a left one (m x r) keeps this rank's rows."""
+        if shard is None:
+            return basis
+        if side == pj.RIGHT:
+            return wrap(basis.contiguous(), shard, "replicate", basis.shape)
+        lo, hi = shard.rows_of(shard.rank)
+        return wrap(basis[lo:hi].contiguous(), shard, "rows", basis.shape)
+
+    def basis_of(self, state: dict, shape, dtype, device, shard=None) -> torch.Tensor:
         if "dct_indices" in state:
-            return pj.dct_basis(state["dct_indices"], shape, state["side"], dtype, device)
-        return state["basis"]
+            basis = pj.dct_basis(state["dct_indices"], shape, state["side"], dtype, device)
+            if shard is not None and state["side"] == pj.LEFT:
+                lo, hi = shard.rows_of(shard.rank)
+                basis = basis[lo:hi]
+            return basis
+        return local(state["basis"])
+
+    def project(self, grad: torch.Tensor, basis: torch.Tensor, side: int, shard=None) -> torch.Tensor:
+        """``R``; on a shard's left side, this rank's columns of the summed ``A_iᵀ G_i``."""
+        low = pj.project(grad, basis, side)
+        if shard is not None and side == pj.LEFT:
+            return self.comm.reduce_scatter_cols(low, shard)
+        return low
+
+    def project_back(self, low: torch.Tensor, basis: torch.Tensor, side: int, shard=None) -> torch.Tensor:
+        """This rank's rows of ``back(low)``; on a shard's left side ``low`` is gathered first."""
+        if shard is not None and side == pj.LEFT:
+            low = self.comm.all_gather_cols(low, shard)
+        return pj.project_back(low, basis, side)
+
+    @staticmethod
+    def new_state(like: torch.Tensor, shard, layout: str, global_shape) -> torch.Tensor:
+        zeros = torch.zeros_like(like)
+        return zeros if shard is None else wrap(zeros, shard, layout, global_shape)
+
+    def low_rank_state(self, low: torch.Tensor, side: int, shard):
+        """A zero moment for ``low``: rows of (m x r) on the right side, columns of (r x n) on the left."""
+        if shard is None:
+            return torch.zeros_like(low)
+        if side == pj.RIGHT:
+            return self.new_state(low, shard, "rows", (shard.shape[0], low.shape[1]))
+        return self.new_state(low, shard, "cols", (low.shape[0], shard.shape[1]))
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -190,60 +253,83 @@ class LowRankAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             low_rank = self.is_low_rank_group(group)
+            if low_rank:
+                self.refuse_flattened(group_index, group)
             for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
+                shard = row_shard_of(p)
                 if low_rank and p.dim() >= 2:
-                    self.low_rank_step(group, p, state, index)
+                    self.low_rank_step(group, p, state, index, shard)
                 else:
-                    self.dense_step(group, p, state)
+                    self.dense_step(group, p, state, shard)
         return loss
 
-    def dense_step(self, group: dict, p: torch.Tensor, state: dict) -> None:
+    def refuse_flattened(self, group_index: int, group: dict) -> None:
+        """DeepSpeed ZeRO stages >= 1 hand the optimizer 1-D flat partitions instead of the matrices it
+        was built with: projecting them is impossible, and AdamW on them would pass for GaLore."""
+        counts = self.__dict__.get("matrix_counts", [])
+        had = counts[group_index] if group_index < len(counts) else 0
+        if had and not any(p.dim() >= 2 for p in group["params"]):
+            raise RuntimeError(
+                f"{type(self).__name__}: parameter group {group_index} was built with {had} matrices but now holds "
+                f"only 1-D tensors {[tuple(p.shape) for p in group['params']][:3]}: DeepSpeed ZeRO stage >= 1 (or "
+                "another wrapper) flattened the parameters, so no low-rank projection exists. Use ZeRO stage 0 "
+                "(DeepSpeed data parallel) or FSDP2 (torch.distributed.fsdp.fully_shard), whose sharded "
+                "parameters commlib's low-rank optimizers support")
+
+    def dense_step(self, group: dict, p: torch.Tensor, state: dict, shard=None) -> None:
         """Full-rank AdamW in GaLore's convention (bias correction in the step, decay after)."""
         beta1, beta2 = group["betas"]
-        advance_moments(state, p, "step")
-        adam_moments_(state["exp_avg"], state["exp_avg_sq"], p.grad, beta1, beta2)
-        direction = transformers_adam_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
-        p.add_(direction, alpha=-transformers_step_size(group["lr"], beta1, beta2, state["step"],
-                                                         group["correct_bias"]))
+        pl = local(p)
+        advance_moments(state, pl, "step", lambda: self.new_state(pl, shard, "rows", p.shape))
+        exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
+        adam_moments_(exp_avg, exp_avg_sq, local(p.grad), beta1, beta2)
+        direction = transformers_adam_direction(exp_avg, exp_avg_sq, group["eps"])
+        pl.add_(direction, alpha=-transformers_step_size(group["lr"], beta1, beta2, state["step"],
+                                                          group["correct_bias"]))
         if group["weight_decay"] > 0.0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            pl.add_(pl, alpha=-group["lr"] * group["weight_decay"])
 
-    def low_rank_step(self, group: dict, p: torch.Tensor, state: dict, index: int) -> None:
+    def low_rank_step(self, group: dict, p: torch.Tensor, state: dict, index: int, shard=None) -> None:
         raise NotImplementedError
 
-    def projected_adam(self, group: dict, p: torch.Tensor, state: dict, index: int):
+    def projected_adam(self, group: dict, p: torch.Tensor, state: dict, index: int, shard=None):
         """GaLore/Fira's shared part: refresh the projector every ``update_proj_gap`` steps, project,
-        update the low-rank moments. Returns ``(G, basis, side, R, N)`` with ``N = m / (sqrt(v) + eps)``."""
+        update the low-rank moments. Returns ``(G, basis, side, R, N)`` with ``N = m / (sqrt(v) + eps)``
+        (on a shard: this rank's rows of G, its part of the basis, R and N)."""
         beta1, beta2 = group["betas"]
-        grad = pj.as_matrix(p.grad)
+        grad = pj.as_matrix(local(p.grad))
+        shape = shard.shape if shard is not None else tuple(grad.shape)
         if "step" not in state:
             state["step"] = 0
         if state["step"] % group["update_proj_gap"] == 0 or "side" not in state:
-            self.refresh_projector(group, p, state, grad, index)
-        basis = self.basis_of(state, tuple(grad.shape), grad.dtype, grad.device)
-        low = pj.project(grad, basis, state["side"])
+            self.refresh_projector(group, p, state, grad, index, shard)
+        side = state["side"]
+        basis = self.basis_of(state, shape, grad.dtype, grad.device, shard)
+        low = self.project(grad, basis, side, shard)
         if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(low)
-            state["exp_avg_sq"] = torch.zeros_like(low)
+            state["exp_avg"] = self.low_rank_state(low, side, shard)
+            state["exp_avg_sq"] = self.low_rank_state(low, side, shard)
         state["step"] += 1
-        adam_moments_(state["exp_avg"], state["exp_avg_sq"], low, beta1, beta2)
-        direction = transformers_adam_direction(state["exp_avg"], state["exp_avg_sq"], group["eps"])
-        return grad, basis, state["side"], low, direction
+        exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
+        adam_moments_(exp_avg, exp_avg_sq, low, beta1, beta2)
+        direction = transformers_adam_direction(exp_avg, exp_avg_sq, group["eps"])
+        return grad, basis, side, low, direction
 
     def apply_update(self, group: dict, p: torch.Tensor, state: dict, update: torch.Tensor) -> None:
         """``W -= lr b update`` (b the bias correction), then GaLore-style decoupled weight decay."""
         beta1, beta2 = group["betas"]
-        p.add_(update.view_as(p), alpha=-transformers_step_size(group["lr"], beta1, beta2, state["step"],
-                                                                group["correct_bias"]))
+        pl = local(p)
+        pl.add_(update.view_as(pl), alpha=-transformers_step_size(group["lr"], beta1, beta2, state["step"],
+                                                                  group["correct_bias"]))
         if group["weight_decay"] > 0.0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            pl.add_(pl, alpha=-group["lr"] * group["weight_decay"])
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict) -> None:
@@ -259,8 +345,13 @@ class LowRankAdamW(Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of every tensor in the optimizer state (moments, bases, indices, scalars)."""
-        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values()
+        return sum(local(v).numel() * local(v).element_size() for s in self.state.values() for v in s.values()
                    if torch.is_tensor(v))
+
+    def stats(self) -> dict:
+        """This rank's optimizer-state bytes and the collectives its sharded steps issued so far
+        (bytes sent per rank and calls, by kind; all zero for unsharded parameters)."""
+        return {"state_bytes": self.state_bytes(), **self.comm.stats()}
 
 
 # ---------------------------------------------------------------------------------------- GaLore
@@ -287,9 +378,9 @@ class GaLoreAdamW(LowRankAdamW):
     method = "galore"
     group_defaults = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "projector": "svd", "seed": 0}
 
-    def low_rank_step(self, group, p, state, index):
-        _, basis, side, _, direction = self.projected_adam(group, p, state, index)
-        self.apply_update(group, p, state, pj.project_back(direction, basis, side) * group["scale"])
+    def low_rank_step(self, group, p, state, index, shard=None):
+        _, basis, side, _, direction = self.projected_adam(group, p, state, index, shard)
+        self.apply_update(group, p, state, self.project_back(direction, basis, side, shard) * group["scale"])
 
 
 # ---------------------------------------------------------------------------------------- Fira
@@ -317,13 +408,19 @@ class FiraAdamW(LowRankAdamW):
         super().validate_group(group)
         _require("residual", group["residual"], group["residual"] in ("paper", "reference"), "'paper' or 'reference'")
 
-    def low_rank_step(self, group, p, state, index):
-        grad, basis, side, low, direction = self.projected_adam(group, p, state, index)
+    def low_rank_step(self, group, p, state, index, shard=None):
+        grad, basis, side, low, direction = self.projected_adam(group, p, state, index, shard)
+        if shard is not None and side == pj.LEFT:  # phi needs whole columns of R and N: gather both once
+            low, direction = self.comm.all_gather_cols(low, shard), self.comm.all_gather_cols(direction, shard)
+        axis = fira_axis((shard.shape[0], low.shape[1]) if shard is not None and side == pj.RIGHT else low.shape)
         in_subspace = pj.project_back(low, basis, side)
         if group["residual"] == "reference":
             in_subspace = in_subspace * group["alpha"]
-        residual = (grad - in_subspace) * fira_scaling(direction, low)
-        residual, state["scaling_grad"] = fira_limit(residual, state.get("scaling_grad"))
+        residual = (grad - in_subspace) * fira_scaling(direction, low, axis)
+        norm = None
+        if shard is not None:  # the limiter bounds the whole residual's norm
+            norm = self.comm.all_reduce_(residual.float().pow(2).sum().reshape(1), shard)[0].sqrt()
+        residual, state["scaling_grad"] = fira_limit(residual, state.get("scaling_grad"), norm=norm)
         self.apply_update(group, p, state, pj.project_back(direction, basis, side) * group["alpha"] + residual)
 
 
@@ -386,11 +483,12 @@ class FrugalAdamW(LowRankAdamW):
         return max(1, min(dim, round(group["density"] * dim)))
 
     # ------------------------------------------------------------------ shared pieces
-    def adam_part(self, group, state, grad) -> torch.Tensor:
+    def adam_part(self, group, state, grad, zeros=None) -> torch.Tensor:
         beta1, beta2 = group["betas"]
-        step = advance_moments(state, grad, "adam_step")
-        adam_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2)
-        return torch_adam_update(state["exp_avg"], state["exp_avg_sq"], step, beta1, beta2, group["eps"])
+        step = advance_moments(state, grad, "adam_step", zeros)
+        exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
+        adam_moments_(exp_avg, exp_avg_sq, grad, beta1, beta2)
+        return torch_adam_update(exp_avg, exp_avg_sq, step, beta1, beta2, group["eps"])
 
     def state_free(self, group, rest: torch.Tensor) -> torch.Tensor | None:
         rule = group["inactive_update_rule"]
@@ -398,11 +496,13 @@ class FrugalAdamW(LowRankAdamW):
             return None
         return torch.sign(rest) if rule == "sign_sgd" else rest
 
-    def dense_step(self, group, p, state):
+    def dense_step(self, group, p, state, shard=None):
         """torch.optim.AdamW (decay before the update) for parameters outside FRUGAL groups."""
+        pl = local(p)
         if group["weight_decay"] > 0.0:
-            p.mul_(1.0 - group["lr"] * group["weight_decay"])
-        p.add_(self.adam_part(group, state, p.grad), alpha=-group["lr"])
+            pl.mul_(1.0 - group["lr"] * group["weight_decay"])
+        zeros = lambda: self.new_state(pl, shard, "rows", p.shape)  # noqa: E731
+        pl.add_(self.adam_part(group, state, local(p.grad), zeros), alpha=-group["lr"])
 
     def block_active(self, group, index: int, refresh: int) -> bool:
         count = len(group["params"])
@@ -418,36 +518,40 @@ class FrugalAdamW(LowRankAdamW):
         return index in chosen
 
     # ------------------------------------------------------------------ the step
-    def low_rank_step(self, group, p, state, index):
+    def low_rank_step(self, group, p, state, index, shard=None):
         lr = group["lr"] * group["proj_params_lr_scale"]
+        pl, grad_local = local(p), local(p.grad)
         if "step" not in state:
             state["step"] = 0
         refreshing = state["step"] % group["update_proj_gap"] == 0
         if group["weight_decay"] > 0.0:
-            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            pl.mul_(1.0 - group["lr"] * group["weight_decay"])
         if group["projector"] == "blocks":
             refresh = state["step"] // group["update_proj_gap"]
             active = self.block_active(group, index, refresh)
             if refreshing and group["reset_statistics"] or not active:
                 reset_moments(state)
             if active:
-                p.add_(self.adam_part(group, state, p.grad), alpha=-lr)
+                zeros = lambda: self.new_state(pl, shard, "rows", p.shape)  # noqa: E731
+                pl.add_(self.adam_part(group, state, grad_local, zeros), alpha=-lr)
             else:
-                update = self.state_free(group, p.grad)
+                update = self.state_free(group, grad_local)
                 if update is not None:
-                    p.add_(update, alpha=-lr * group["inactive_lr_scale"])
+                    pl.add_(update, alpha=-lr * group["inactive_lr_scale"])
             state["step"] += 1
             return
-        grad = pj.as_matrix(p.grad)
+        grad = pj.as_matrix(grad_local)
+        shape = shard.shape if shard is not None else tuple(grad.shape)
         if refreshing or "side" not in state:
-            self.refresh_projector(group, p, state, grad, index)
+            self.refresh_projector(group, p, state, grad, index, shard)
             if group["reset_statistics"]:
                 reset_moments(state)
-        basis = self.basis_of(state, tuple(grad.shape), grad.dtype, grad.device)
-        low = pj.project(grad, basis, state["side"])
-        update = pj.project_back(self.adam_part(group, state, low), basis, state["side"])
-        p.add_(update.view_as(p), alpha=-lr)
-        rest = self.state_free(group, grad - pj.project_back(low, basis, state["side"]))
+        side = state["side"]
+        basis = self.basis_of(state, shape, grad.dtype, grad.device, shard)
+        low = self.project(grad, basis, side, shard)
+        adam = self.adam_part(group, state, low, lambda: self.low_rank_state(low, side, shard))
+        pl.add_(self.project_back(adam, basis, side, shard).view_as(pl), alpha=-lr)
+        rest = self.state_free(group, grad - self.project_back(low, basis, side, shard))
         if rest is not None:
-            p.add_(rest.view_as(p), alpha=-lr * group["inactive_lr_scale"])
+            pl.add_(rest.view_as(pl), alpha=-lr * group["inactive_lr_scale"])
         state["step"] += 1

@@ -99,13 +99,29 @@ def dct_rows(x: torch.Tensor) -> torch.Tensor:
     return y * scale
 
 
+def dct_scores(grad: torch.Tensor, side: int) -> torch.Tensor:
+    """L1 norm of the DCT-II coefficients of ``grad`` along the projected side, per basis vector.
+    For ``right`` it is a sum over rows, so row shards add their partial scores (one all-reduce)."""
+    coeffs = dct_rows(grad) if side == RIGHT else dct_rows(grad.t())  # m x n, or n x m
+    return coeffs.abs().sum(dim=0)
+
+
+def top_indices(scores: torch.Tensor, rank: int) -> torch.Tensor:
+    """The ``rank`` largest scores' indices (ties to the lower index), sorted ascending, int64."""
+    order = torch.sort(scores, descending=True, stable=True).indices[:rank]
+    return torch.sort(order).values.to(torch.int64)
+
+
 def dct_indices(grad: torch.Tensor, rank: int, side: int) -> torch.Tensor:
     """The ``rank`` DCT-II basis vectors most aligned with ``grad`` (largest L1 norm of the
     coefficients along the projected side), sorted ascending, int64."""
-    coeffs = dct_rows(grad) if side == RIGHT else dct_rows(grad.t())  # m x n, or n x m
-    scores = coeffs.abs().sum(dim=0)
-    order = torch.sort(scores, descending=True, stable=True).indices[:rank]
-    return torch.sort(order).values.to(torch.int64)
+    return top_indices(dct_scores(grad, side), rank)
+
+
+def matrix_shape(shape) -> tuple[int, int]:
+    """The (m, n) a parameter of ``shape`` is projected as (see :func:`as_matrix`)."""
+    shape = tuple(shape)
+    return (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (shape[0] if shape else 1, 1)
 
 
 def dct_basis(indices: torch.Tensor, shape: tuple[int, int], side: int, dtype, device=None) -> torch.Tensor:
