@@ -150,8 +150,11 @@ class LowRankAdamW(Optimizer):
             param_group[self.group_key] = options[self.group_key]
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        # how many matrices each group had: DeepSpeed ZeRO >= 1 swaps them for 1-D flat partitions
-        self.__dict__.setdefault("matrix_counts", []).append(sum(p.dim() >= 2 for p in group["params"]))
+        # the parameters it was given: DeepSpeed ZeRO >= 1 swaps them for 1-D flat partitions
+        if self.is_low_rank_group(group):
+            self.__dict__["projects_matrices"] = self.__dict__.get("projects_matrices", False) or any(
+                p.dim() >= 2 for p in group["params"])
+        self.__dict__.setdefault("known_params", set()).update(id(p) for p in group["params"])
         if self.is_low_rank_group(group):
             for key, value in {**self.group_defaults, **options}.items():
                 group.setdefault(key, value)
@@ -253,10 +256,9 @@ class LowRankAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group_index, group in enumerate(self.param_groups):
+        self.refuse_flattened()  # before any parameter moves
+        for group in self.param_groups:
             low_rank = self.is_low_rank_group(group)
-            if low_rank:
-                self.refuse_flattened(group_index, group)
             for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -270,18 +272,22 @@ class LowRankAdamW(Optimizer):
                     self.dense_step(group, p, state, shard)
         return loss
 
-    def refuse_flattened(self, group_index: int, group: dict) -> None:
-        """DeepSpeed ZeRO stages >= 1 hand the optimizer 1-D flat partitions instead of the matrices it
-        was built with: projecting them is impossible, and AdamW on them would pass for GaLore."""
-        counts = self.__dict__.get("matrix_counts", [])
-        had = counts[group_index] if group_index < len(counts) else 0
-        if had and not any(p.dim() >= 2 for p in group["params"]):
+    def refuse_flattened(self) -> None:
+        """DeepSpeed ZeRO stages >= 1 hand the optimizer 1-D flat partitions in place of the matrices it
+        was built with (one group at a time): no projection exists, and AdamW on them would pass for
+        GaLore. A 1-D parameter the optimizer was not built with, in an optimizer that projects matrices,
+        is refused before anything is updated."""
+        if not self.__dict__.get("projects_matrices"):
+            return
+        known = self.__dict__.get("known_params", set())
+        foreign = [p for g in self.param_groups for p in g["params"] if id(p) not in known and p.dim() < 2]
+        if foreign:
             raise RuntimeError(
-                f"{type(self).__name__}: parameter group {group_index} was built with {had} matrices but now holds "
-                f"only 1-D tensors {[tuple(p.shape) for p in group['params']][:3]}: DeepSpeed ZeRO stage >= 1 (or "
-                "another wrapper) flattened the parameters, so no low-rank projection exists. Use ZeRO stage 0 "
-                "(DeepSpeed data parallel) or FSDP2 (torch.distributed.fsdp.fully_shard), whose sharded "
-                "parameters commlib's low-rank optimizers support")
+                f"{type(self).__name__} was built with parameter matrices but is asked to step 1-D tensors it was "
+                f"not given {[tuple(p.shape) for p in foreign][:3]}: DeepSpeed ZeRO stage >= 1 (or another wrapper) "
+                "flattened the parameters, so no low-rank projection exists. Use ZeRO stage 0 (DeepSpeed data "
+                "parallel) or FSDP2 (torch.distributed.fsdp.fully_shard), whose sharded parameters commlib's "
+                "low-rank optimizers support")
 
     def dense_step(self, group: dict, p: torch.Tensor, state: dict, shard=None) -> None:
         """Full-rank AdamW in GaLore's convention (bias correction in the step, decay after)."""

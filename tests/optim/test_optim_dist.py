@@ -105,6 +105,40 @@ def test_deepspeed_client_optimizer_zero0(cls, options, monkeypatch):
     torch.testing.assert_close(out[0], ddp[0], rtol=1e-5, atol=1e-6)  # ZeRO-0 = DDP averaging + our step
 
 
+def _deepspeed_zero(rank, world_size, cls, options, stage):
+    import os
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    import deepspeed
+
+    model = Tiny()
+    opt = cls(groups(model, **options), lr=1e-2)
+    config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+              "steps_per_print": 10**9, "gradient_clipping": 0.0}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
+    before = flat(model).clone()
+    x, y = batch(rank)
+    engine.backward(nn.functional.mse_loss(engine(x), y))
+    try:
+        engine.step()
+    except RuntimeError as err:
+        return str(err), torch.equal(before, flat(model))
+    return "trained", False
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (.[deepspeed])")
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("cls,options", [CASES[0], CASES[3]], ids=[IDS[0], IDS[3]])
+def test_deepspeed_zero_flattening_is_refused(cls, options, stage, monkeypatch):
+    """ZeRO >= 1 hands the client optimizer 1-D flat partitions: the low-rank optimizer raises at its
+    first step, naming ZeRO and the way out, and leaves the parameters untouched."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for message, untouched in run_world(_deepspeed_zero, 2, args=(cls, options, stage), timeout=180):
+        assert "ZeRO stage >= 1" in message and "FSDP2" in message, message
+        assert untouched
+
+
 # ------------------------------------------------------------------------------------------------ DCP
 def _dcp_optim(rank, world_size, cls, options, path, phase, steps):
     import torch.distributed.checkpoint as dcp
