@@ -17,24 +17,43 @@ import torch.distributed as dist
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather
 
 from commlib.compress.base import require_int
+from commlib.fsdp.codec import BufferPool
 
 
-def quantize_int8_blocks(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes int8 (nblocks * block_size,), scales float32 (nblocks,))`` of a flat tensor, zero-padded."""
+def quantize_int8_blocks(x: torch.Tensor, block_size: int, codes_out: torch.Tensor | None = None,
+                         scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes int8 (nblocks * block_size,), scales float32 (nblocks,))`` of a flat tensor, zero-padded.
+
+    ``s = max|x| / 127`` per block and ``q = round(x / s)``, so ``|q| <= 127`` and ``|x - s q| <= s / 2``.
+    ``codes_out`` (int8) and ``scratch`` (float32, same size) are optional reused buffers."""
     n = x.numel()
     blocks = -(-n // block_size)
-    padded = torch.zeros(blocks * block_size, dtype=torch.float32, device=x.device)
-    padded[:n] = x.reshape(-1)
-    view = padded.view(blocks, block_size)
-    scales = view.abs().amax(dim=1) / 127.0
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.round(view / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-    return codes.view(-1), scales
+    flat = x.reshape(-1)
+    if n != blocks * block_size or flat.dtype != torch.float32:
+        padded = torch.zeros(blocks * block_size, dtype=torch.float32, device=x.device)
+        padded[:n] = flat
+        flat = padded
+    view = flat.view(blocks, block_size)
+    scales = torch.maximum(view.amax(dim=1), view.amin(dim=1).neg_()).div_(127.0)
+    inverse = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+    scaled = torch.mul(view, inverse[:, None], out=None if scratch is None else scratch.view(blocks, block_size))
+    codes = torch.empty(blocks * block_size, dtype=torch.int8, device=x.device) if codes_out is None else codes_out
+    codes.view(blocks, block_size).copy_(scaled.round_())
+    return codes, scales
 
 
-def dequantize_int8_blocks(codes: torch.Tensor, scales: torch.Tensor, numel: int, block_size: int) -> torch.Tensor:
-    """float32 ``(numel,)`` from :func:`quantize_int8_blocks`'s output."""
-    return (codes.view(-1, block_size).float() * scales[:, None]).view(-1)[:numel]
+def dequantize_int8_blocks(codes: torch.Tensor, scales: torch.Tensor, numel: int, block_size: int,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """``s q`` as float32 ``(numel,)`` from :func:`quantize_int8_blocks`'s output (into ``out`` if given)."""
+    grid = codes.view(-1, block_size)
+    if out is not None and out.dtype == torch.float32 and out.is_contiguous() and numel == codes.numel():
+        torch.mul(grid, scales[:, None], out=out.view(-1, block_size))
+        return out
+    values = (grid.float() * scales[:, None]).view(-1)[:numel]
+    if out is not None:
+        out.copy_(values.view_as(out))
+        return out
+    return values
 
 
 def message_bytes(numel: int, block_size: int) -> int:
@@ -46,8 +65,9 @@ class QuantizedAllGather(AllGather):
     """The all-gather of one FSDP module. Inputs that are not floating point (FSDP's uint8 byte view
     of mixed-dtype groups) are gathered unchanged."""
 
-    def __init__(self, block_size: int = 256):
+    def __init__(self, block_size: int = 256, pool: BufferPool | None = None):
         self.block_size = require_int("block_size", block_size, 8)
+        self.pool = pool if pool is not None else BufferPool()
         self.bytes_sent = self.bytes_dense = 0
         self.total_bytes_sent = self.total_bytes_dense = 0
         self.calls = 0
@@ -55,6 +75,11 @@ class QuantizedAllGather(AllGather):
 
     def allocate(self, size, *, dtype, device):
         return torch.empty(*size, dtype=dtype, device=device)
+
+    def buffers(self, world: int, size: int, ncodes: int, device):
+        """Send, receive and float scratch buffers from the pool shared by all modules."""
+        return (self.pool.get("send", size, device), self.pool.get("recv", world * size, device),
+                self.pool.get("scratch", 4 * ncodes, device).view(torch.float32))
 
     def __call__(self, output_tensor, input_tensor, group, async_op=False):
         started = time.perf_counter()
@@ -65,18 +90,17 @@ class QuantizedAllGather(AllGather):
             dist.all_gather_single(output_tensor, input_tensor.contiguous(), group=group)
             sent = dense
         else:
-            codes, scales = quantize_int8_blocks(input_tensor, self.block_size)
             size = message_bytes(numel, self.block_size)
-            send = torch.empty(size, dtype=torch.uint8, device=input_tensor.device)
-            send[: codes.numel()].copy_(codes.view(torch.uint8))
-            send[codes.numel() :].copy_(scales.view(torch.uint8))
-            recv = torch.empty(world * size, dtype=torch.uint8, device=input_tensor.device)
+            ncodes = -(-numel // self.block_size) * self.block_size
+            send, recv, scratch = self.buffers(world, size, ncodes, input_tensor.device)
+            _, scales = quantize_int8_blocks(input_tensor, self.block_size, codes_out=send[:ncodes].view(torch.int8),
+                                             scratch=scratch)
+            send[ncodes:].copy_(scales.view(torch.uint8))
             dist.all_gather_single(recv, send, group=group)
             slots = output_tensor.view(world, numel)
             for r, msg in enumerate(recv.view(world, size)):
-                values = dequantize_int8_blocks(msg[: codes.numel()].view(torch.int8),
-                                                msg[codes.numel() :].view(torch.float32), numel, self.block_size)
-                slots[r].copy_(values)
+                dequantize_int8_blocks(msg[:ncodes].view(torch.int8), msg[ncodes:].view(torch.float32), numel,
+                                       self.block_size, out=slots[r])
             sent = (world - 1) * size
         self.bytes_sent, self.bytes_dense = sent, dense
         self.total_bytes_sent += sent
@@ -91,6 +115,9 @@ class QuantizedGathers:
 
     def __init__(self, comms: list[tuple[str, QuantizedAllGather]]):
         self.comms = comms
+
+    def buffer_bytes(self) -> int:
+        return self.comms[0][1].pool.nbytes() if self.comms else 0
 
     def stats(self) -> dict:
         sent = sum(c.total_bytes_sent for _, c in self.comms)
@@ -118,8 +145,9 @@ def quantize_all_gather(module: torch.nn.Module, block_size: int = 256) -> Quant
     if not found:
         raise ValueError("module has no fully_shard-ed (FSDPModule) parts: call fully_shard first")
     comms = []
+    pool = BufferPool()
     for name, m in found:
-        comm = QuantizedAllGather(block_size)
+        comm = QuantizedAllGather(block_size, pool)
         m.set_custom_all_gather(comm)
         comms.append((name, comm))
     return QuantizedGathers(comms)

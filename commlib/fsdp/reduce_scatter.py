@@ -5,9 +5,11 @@ all-to-all of compressed rows followed by a local decode-and-sum, as ZeRO++'s qg
 2023, Sec. 4.3): it never re-quantizes a partial sum, unlike a ring of compressed hops. Per step
 and FSDP module, with ``g`` this rank's ``(W, chunk)`` input and ``e`` its residual:
 
-* without error feedback, rank ``j`` gets ``sum_i D(C(g_i[j]))`` (divided by ``W`` for ``AVG``);
+* without error feedback, rank ``j`` gets ``g_j[j] + sum_{i != j} D(C(g_i[j]))`` (divided by ``W``
+  for ``AVG``): its own row never goes on the wire, so it is not compressed;
 * with error feedback (Seide et al. 2014; Karimireddy et al. 2019, Alg. 2) each rank sends
-  ``C(v[j])`` with ``v = g + e`` and keeps ``e' = v - D(C(v))`` (stored in ``residual_dtype``).
+  ``C(v[j])`` with ``v = g + e`` and keeps ``e' = v - D(C(v))`` (zero on its own row; stored in
+  float32 or bfloat16).
 
 Each message also carries a 4-byte finite flag, so a non-finite gradient reaches ``.grad`` whatever
 the compressor drops (AMP's GradScaler sees the overflow); that rank's residual is then left as it was.
@@ -26,11 +28,14 @@ from commlib.fsdp import codec
 
 
 def compress_rows(rows: torch.Tensor, compressor, segments: list[codec.Segment], seeds: list[int],
-                  warm_q: dict | None = None) -> list[list]:
-    """Payloads of every row (``rows``: ``(W, chunk)``), one per segment; ``seeds[j]`` seeds row ``j``.
-    PowerSGD segments warm-start from ``warm_q[(j, s)]`` and leave their new ``Q`` there."""
+                  warm_q: dict | None = None, skip: int | None = None) -> list[list | None]:
+    """Payloads of every row (``rows``: ``(W, chunk)``) but ``skip``, one per segment; ``seeds[j]``
+    seeds row ``j``. PowerSGD segments warm-start from ``warm_q[(j, s)]`` and leave their new ``Q`` there."""
     out = []
     for j in range(rows.shape[0]):
+        if j == skip:
+            out.append(None)
+            continue
         payloads = []
         for s, seg in enumerate(segments):
             part = rows[j, seg.offset : seg.offset + seg.numel].view(seg.shape)
@@ -56,21 +61,39 @@ def decode_row(payloads: list, compressor, segments: list[codec.Segment], chunk:
     return out
 
 
+def decode_add_(out: torch.Tensor, payloads: list, compressor, segments: list[codec.Segment]) -> torch.Tensor:
+    """``out += D(C(row))`` (``out``: float32 ``(chunk,)``), without a temporary for one-segment rows."""
+    for seg, payload in zip(segments, payloads):
+        c = codec.segment_compressor(compressor, seg)
+        c.decompress_add_(out[seg.offset : seg.offset + seg.numel].view(payload.shape), payload)
+    return out
+
+
 def reference_reduce_scatter(inputs: list[torch.Tensor], compressor, segments, seeds_of, residuals=None,
-                             residual_dtype=torch.float32, average: bool = True, warm_q=None):
+                             residual_dtype=torch.float32, average: bool = True, warm_q=None, shared=False):
     """The whole world's step on one process (for tests): ``inputs[i]`` is rank ``i``'s ``(W, chunk)``
-    buffer, ``seeds_of(i)`` its row seeds; returns every rank's output and updates ``residuals``."""
+    buffer, ``seeds_of(i)`` its row seeds; returns every rank's output and updates ``residuals``.
+    Rank ``j``'s own row never travels, so it enters its sum exactly (its residual part is 0)."""
     world = len(inputs)
-    decoded = []
+    vs, sent = [], []
     for i, g in enumerate(inputs):
         v = g.float() + (residuals[i].float() if residuals is not None else 0)
-        rows = compress_rows(v, compressor, segments, seeds_of(i), None if warm_q is None else warm_q[i])
-        d = torch.stack([decode_row(p, compressor, segments, v.shape[1]) for p in rows])
+        rows = compress_rows(v, compressor, segments, seeds_of(i), None if warm_q is None else warm_q[i],
+                             skip=None if shared else i)
         if residuals is not None:
-            residuals[i] = (v - d).to(residual_dtype)
-        decoded.append(d)
-    outs = [sum(decoded[i][j] for i in range(world)) for j in range(world)]
-    return [o / world if average else o for o in outs]
+            decoded = torch.stack([v[j] if j == i else decode_row(rows[j], compressor, segments, v.shape[1])
+                                   for j in range(world)])
+            residuals[i] = (v - decoded).to(residual_dtype)
+        vs.append(v)
+        sent.append(rows)
+    outs = []
+    for j in range(world):
+        total = vs[j][j].clone()
+        for i in range(world):
+            if i != j:
+                decode_add_(total, sent[i][j], compressor, segments)
+        outs.append(total / world if average else total)
+    return outs
 
 
 class CompressedReduceScatter(ReduceScatter):
@@ -92,6 +115,12 @@ class CompressedReduceScatter(ReduceScatter):
 
     def allocate(self, size, *, dtype, device):
         return torch.empty(*size, dtype=dtype, device=device)
+
+    def message_buffers(self, world: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The all-to-all's send and receive buffers, from the state's pool (shared by all modules)."""
+        pool = self.state.pool
+        return (pool.get("send", world * size, device).view(world, size),
+                pool.get("recv", world * size, device).view(world, size))
 
     def row_seeds(self, sender: int, world: int, shared: bool) -> list[int]:
         """One seed per destination row: shared by all senders when the payload's context (random-k's
@@ -115,29 +144,37 @@ class CompressedReduceScatter(ReduceScatter):
                 self.residual = torch.zeros(rows.shape, dtype=state.residual_dtype, device=rows.device)
             v = v + self.residual.float()
         shared = state.shared_seed
+        # my own row never travels: it enters my sum exactly and is only compressed when its payload
+        # carries the context (random-k's indices) needed to decode what the others send me
         payloads = compress_rows(v, state.compressor, segments, self.row_seeds(rank, world, shared),
-                                 self.warm_q if finite else dict(self.warm_q))
+                                 self.warm_q if finite else dict(self.warm_q), skip=None if shared else rank)
         if state.residual_dtype is not None and finite:
-            decoded = torch.stack([decode_row(p, state.compressor, segments, chunk) for p in payloads])
+            decoded = torch.stack([v[j] if j == rank else decode_row(payloads[j], state.compressor, segments, chunk)
+                                   for j in range(world)])
             self.residual.copy_(v - decoded)
+        template = payloads[rank] if payloads[rank] is not None else payloads[(rank + 1) % world]
         # a message: the finite flag (8 aligned bytes), then the payload's wire tensors
-        size = codec.ALIGN + codec.message_bytes(payloads[0])
-        send = torch.zeros(world, size, dtype=torch.uint8, device=rows.device)
+        size = codec.ALIGN + codec.message_bytes(template)
+        send, recv = self.message_buffers(world, size, rows.device)
         for j in range(world):
             send[j, :4].copy_(flags[j].reshape(1).view(torch.uint8))
-            codec.pack(payloads[j], send[j, codec.ALIGN :])
-        recv = torch.empty_like(send)
+            if j != rank:
+                codec.pack(payloads[j], send[j, codec.ALIGN :])
         state.all_to_all(recv, send, group)
         # what the other ranks sent me: row `rank` of their buffers, shaped like my own row `rank`
-        total = torch.zeros(chunk, dtype=torch.float32, device=rows.device)
+        exact_out = output_tensor.dtype == torch.float32 and output_tensor.is_contiguous()
+        total = output_tensor.copy_(v[rank]) if exact_out else v[rank].clone()
         poison = torch.zeros((), dtype=torch.float32, device=rows.device)
         for i in range(world):
-            received = codec.unpack(recv[i, codec.ALIGN :], payloads[rank])
-            total += decode_row(received, state.compressor, segments, chunk)
             poison += recv[i, :4].view(torch.float32)[0]
+            if i != rank:
+                decode_add_(total, codec.unpack(recv[i, codec.ALIGN :], template), state.compressor, segments)
         if average:
             total /= world
-        output_tensor.copy_(total.add_(poison))
+        if bool(poison != 0):
+            total.add_(poison)
+        if not exact_out:
+            output_tensor.copy_(total)
         dense = chunk * rows.element_size()
         self.bytes_sent, self.bytes_dense = (world - 1) * size, (world - 1) * dense
         self.total_bytes_sent += self.bytes_sent

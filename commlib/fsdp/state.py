@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from commlib.compress import Compressor
+from commlib.fsdp import codec
 from commlib.fsdp.reduce_scatter import CompressedReduceScatter
 from commlib.hooks.state import FORMAT, ON_MISMATCH, check_format, pick_rank_state, require_initialized, tensor_keys
 
@@ -55,6 +56,7 @@ class GradientCompression:
         self.process_group = process_group
         self.seed = seed
         self.comms: list[CompressedReduceScatter] = []
+        self.pool = codec.BufferPool()
         # random-k's indices are rebuilt by the receiver from the seed: every sender uses the row's seed
         self.shared_seed = bool(compressor.compress(torch.zeros(8), seed=0).context)
 
@@ -77,6 +79,7 @@ class GradientCompression:
             "total_bytes_dense": sum(c.total_bytes_dense for c in self.comms),
             "skipped_steps": max((c.skipped_steps for c in self.comms), default=0),
             "residual_bytes": self.residual_bytes(),
+            "buffer_bytes": self.pool.nbytes(),
             "hook_seconds": sum(c.seconds for c in self.comms),
             "per_module": {c.name: {"bytes_sent": c.bytes_sent, "bytes_dense": c.bytes_dense,
                                     "compression_ratio": c.bytes_dense / c.bytes_sent if c.bytes_sent else 1.0,

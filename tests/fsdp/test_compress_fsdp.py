@@ -116,7 +116,7 @@ def test_reduce_scatter_follows_its_recursion(name, error_feedback):
                   for r in range(world)]
         expect = reference_reduce_scatter(inputs, compressor, segments,
                                           lambda i: probe.row_seeds(i, world, state.shared_seed), residuals,
-                                          residual_dtype or torch.float32, warm_q=warm)
+                                          residual_dtype or torch.float32, warm_q=warm, shared=state.shared_seed)
         for r in range(world):
             assert torch.equal(results[r][0][step], expect[r]), (name, error_feedback, step, r)
     for r in range(world):
