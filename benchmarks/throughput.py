@@ -59,6 +59,9 @@ FULL_EXTRA = [
     ("commlib EF QSGD", "ef", ["--compressor", "QSGD(bits=8)", "--option", "collective=two_phase"]),
     ("commlib EF QSGD", "ef", ["--compressor", "QSGD(bits=2)", "--option", "collective=two_phase"]),
 ]
+# the FSDP2 rows of `--fsdp` (labels of bench_fsdp.CONFIGS)
+FSDP_IN_MAIN = ("DDP + AdamW (reference)", "FSDP2 + AdamW", "FSDP2, RS sends nothing (ceiling)",
+                "FSDP2 + RS QSGD 8-bit", "FSDP2 + int8 AG + RS QSGD 8-bit", "FSDP2 + GaLore (dct)")
 MODELS = {
     # GPT-2-style: wide and shallow with short sequences, so that gradients are large next to compute
     "gpt2": ["--model", "gpt2", "--dim", "512", "--layers", "2", "--heads", "8", "--context", "16", "--batch", "4"],
@@ -167,6 +170,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="the headline sweep: more settings, both models")
     parser.add_argument("--only", help="comma list: run only configurations whose method or setting contains one")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="also run FSDP2 rows (plain, compressed, low-rank; from bench_fsdp.py) as a second table")
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
     args = parser.parse_args()
     models = (args.models or ("gpt2-large,resnet" if args.full else "gpt2")).split(",")
@@ -199,7 +204,16 @@ def main() -> None:
             r.pop("losses", None)
             r.pop("step_seconds", None)
             rows.append(r)
+        fsdp_rows = []
+        if args.fsdp:  # the same cluster, model (bench_fsdp.MODEL == MODELS["gpt2"]) and step counts
+            import bench_fsdp
+
+            picked = [c for c in bench_fsdp.CONFIGS if c[0] in FSDP_IN_MAIN]
+            fsdp_rows = bench_fsdp.sweep(cluster, picked, steps, warmup, 1)
     report = table(rows, link_bps)
+    if fsdp_rows:
+        report += "\n\nFSDP2 (gpt2 model; vs plain FSDP2, DDP + AdamW as the reference row):\n\n"
+        report += bench_fsdp.table(fsdp_rows, link_bps)
     where = f"emulated nodes, links shaped to {args.bandwidth}" if emulated else "ranks on UNSHAPED loopback"
     print(f"\n{args.nodes} {where}"
           f"{'' if not emulated or cluster.latency_emulated else ' (no added latency: no sch_netem)'}; "
@@ -209,7 +223,7 @@ def main() -> None:
     meta = {"nodes": args.nodes, "bandwidth": args.bandwidth, "latency": args.latency, "emulated": emulated,
             "latency_emulated": bool(emulated and cluster.latency_emulated), "steps": steps, "warmup": warmup,
             "date": time.strftime("%Y-%m-%d %H:%M")}
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "fsdp_rows": fsdp_rows}, indent=1))
     Path(args.out).with_suffix(".md").write_text(report + "\n")
     png = Path(args.out).with_suffix(".png")
     try:
