@@ -23,6 +23,7 @@ from commlib.hooks.ef21_theory import (
     ef21w_weights,
 )
 from commlib.hooks.lgreco import LGreCoEFState, LGreCoPowerSGDState, make_lgreco
+from commlib.hooks.lowrank import LowRankState
 from commlib.hooks.powersgd import PowerSGDState
 from commlib.hooks.state import HookState, gather_state_dict
 
@@ -52,6 +53,7 @@ _REGISTRY = {
     "agvm": AGVMState,
     "dp_ef": DPErrorFeedbackState,
     "gc": GradientCodingState,
+    "lowrank": LowRankState,
 }
 
 
@@ -79,7 +81,7 @@ def make(name: str, process_group=None, **options):
     return _REGISTRY[name](process_group, **options), commlib_hook
 
 
-__all__ = ["AGVMState", "AllreduceState", "CastState", "DPErrorFeedbackState", "EF21State", "EF21WState", "ErrorFeedbackState", "HookState", "LGreCoEFState", "LGreCoPowerSGDState", "PeerFailure",
+__all__ = ["AGVMState", "AllreduceState", "CastState", "DPErrorFeedbackState", "EF21State", "EF21WState", "ErrorFeedbackState", "HookState", "LGreCoEFState", "LGreCoPowerSGDState", "LowRankState", "PeerFailure",
            "PowerSGDState", "commlib_hook",
            "compressor_alpha", "ef21_stepsize", "ef21_stepsize_from_smoothness", "ef21_theta_beta",
            "ef21w_stepsize", "ef21w_weights", "gather_state_dict", "make", "names", "param_groups_by_module", "propose_groups", "register"]

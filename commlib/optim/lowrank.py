@@ -137,6 +137,7 @@ class LowRankAdamW(Optimizer):
                     "correct_bias": correct_bias}
         super().__init__(params, defaults)
         self.comm = CommCounter()
+        self.wire_gradients: dict = {}  # projected gradients averaged by the lowrank hook, for the next step
 
     # ------------------------------------------------------------------ groups
     def is_low_rank_group(self, group: dict) -> bool:
@@ -249,6 +250,42 @@ class LowRankAdamW(Optimizer):
             return self.new_state(low, shard, "rows", (shard.shape[0], low.shape[1]))
         return self.new_state(low, shard, "cols", (low.shape[0], shard.shape[1]))
 
+    # ------------------------------------------------------------------ the wire protocol (hooks "lowrank")
+    def group_of(self, p: torch.Tensor) -> dict | None:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        return None
+
+    def wire_projection(self, p: torch.Tensor):
+        """``(basis, side)`` this optimizer projects ``p``'s gradient with at its next step, or None
+        when it needs the whole averaged gradient then: ``p`` is not projected (dense, FRUGAL's
+        blocks, a sharded parameter) or the next step refreshes the projector. Equal on every rank
+        (it follows the optimizer state, which the ranks share)."""
+        group = self.group_of(p)
+        if group is None or not self.is_low_rank_group(group) or p.dim() < 2 or row_shard_of(p) is not None:
+            return None
+        if group.get("projector") == "blocks":
+            return None
+        state = self.state.get(p)
+        if not state or "side" not in state or state.get("step", 0) % group["update_proj_gap"] == 0:
+            return None
+        return self.basis_of(state, pj.matrix_shape(p.shape), p.dtype, p.device), state["side"]
+
+    def needs_residual(self) -> bool:
+        """Whether the update uses ``G - back(R)`` besides ``R`` (Fira's residual, FRUGAL's state-free part)."""
+        return False
+
+    def receive_projected(self, p: torch.Tensor, low: torch.Tensor) -> None:
+        """The mean over ranks of ``p``'s projected gradient, used by the next step instead of
+        projecting ``p.grad`` (the lowrank hook calls this after its all-reduce)."""
+        self.wire_gradients[p] = low
+
+    def projected_gradient(self, p, grad, basis, side, shard):
+        """``R`` of this step: the one the lowrank hook averaged, else the projection of ``grad``."""
+        low = self.wire_gradients.pop(p, None)
+        return low if low is not None else self.project(grad, basis, side, shard)
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
@@ -318,7 +355,7 @@ class LowRankAdamW(Optimizer):
             self.refresh_projector(group, p, state, grad, index, shard)
         side = state["side"]
         basis = self.basis_of(state, shape, grad.dtype, grad.device, shard)
-        low = self.project(grad, basis, side, shard)
+        low = self.projected_gradient(p, grad, basis, side, shard)
         if "exp_avg" not in state:
             state["exp_avg"] = self.low_rank_state(low, side, shard)
             state["exp_avg_sq"] = self.low_rank_state(low, side, shard)
@@ -414,6 +451,9 @@ class FiraAdamW(LowRankAdamW):
         super().validate_group(group)
         _require("residual", group["residual"], group["residual"] in ("paper", "reference"), "'paper' or 'reference'")
 
+    def needs_residual(self) -> bool:
+        return True
+
     def low_rank_step(self, group, p, state, index, shard=None):
         grad, basis, side, low, direction = self.projected_adam(group, p, state, index, shard)
         if shard is not None and side == pj.LEFT:  # phi needs whole columns of R and N: gather both once
@@ -482,6 +522,9 @@ class FrugalAdamW(LowRankAdamW):
         else:
             gap = group["update_proj_gap"]
             _require("update_proj_gap", gap, _is_int(gap) and gap >= 1, "an integer >= 1")
+
+    def needs_residual(self) -> bool:
+        return any(self.is_low_rank_group(g) and g["inactive_update_rule"] != "no" for g in self.param_groups)
 
     def group_rank(self, group, shape):
         side = pj.side_for(tuple(shape), group["proj_type"])
@@ -554,7 +597,7 @@ class FrugalAdamW(LowRankAdamW):
                 reset_moments(state)
         side = state["side"]
         basis = self.basis_of(state, shape, grad.dtype, grad.device, shard)
-        low = self.project(grad, basis, side, shard)
+        low = self.projected_gradient(p, grad, basis, side, shard)
         adam = self.adam_part(group, state, low, lambda: self.low_rank_state(low, side, shard))
         pl.add_(self.project_back(adam, basis, side, shard).view_as(pl), alpha=-lr)
         rest = self.state_free(group, grad - self.project_back(low, basis, side, shard))
