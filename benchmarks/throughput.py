@@ -62,6 +62,19 @@ FULL_EXTRA = [
 # the FSDP2 rows of `--fsdp` (labels of bench_fsdp.CONFIGS)
 FSDP_IN_MAIN = ("DDP + AdamW (reference)", "FSDP2 + AdamW", "FSDP2, RS sends nothing (ceiling)",
                 "FSDP2 + RS QSGD 8-bit", "FSDP2 + int8 AG + RS QSGD 8-bit", "FSDP2 + GaLore (dct)")
+# GaLore / Fira / FRUGAL over DDP's dense all-reduce and through the lowrank hook (projected gradients
+# on the wire), a refresh every 10 steps so that refresh steps (sent dense) are part of the timing
+_GAP = ["--update-proj-gap", "10"]
+LOWRANK = [
+    ("galore dct, dense DDP", "none", ["--optimizer", "galore", *_GAP]),
+    ("galore dct, lowrank hook", "lowrank", ["--optimizer", "galore", *_GAP]),
+    ("galore svd, dense DDP", "none", ["--optimizer", "galore", "--projector", "svd", *_GAP]),
+    ("galore svd, lowrank hook", "lowrank", ["--optimizer", "galore", "--projector", "svd", *_GAP]),
+    ("fira dct, dense DDP", "none", ["--optimizer", "fira", *_GAP]),
+    ("fira dct, lowrank hook", "lowrank", ["--optimizer", "fira", *_GAP, "--option", "residual=none"]),
+    ("frugal dct, dense DDP", "none", ["--optimizer", "frugal", *_GAP]),
+    ("frugal dct, lowrank hook", "lowrank", ["--optimizer", "frugal", *_GAP, "--option", "residual=none"]),
+]
 MODELS = {
     # GPT-2-style: wide and shallow with short sequences, so that gradients are large next to compute
     "gpt2": ["--model", "gpt2", "--dim", "512", "--layers", "2", "--heads", "8", "--context", "16", "--batch", "4"],
@@ -110,13 +123,15 @@ def table(rows: list[dict], link_bps: float | None) -> str:
             "| link limit samples/s | link share of step | held-out loss | vs dense |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|")
     out = [head]
-    dense = {r["model_name"]: r for r in rows if r["hook"] == "none" and not r.get("crashed")}
+    # each row against dense DDP with the same optimizer
+    dense = {(r["model_name"], r.get("optimizer", "adamw")): r for r in rows if r["hook"] == "none"
+             and not r.get("crashed")}
     for r in rows:
         if r.get("crashed"):
             out.append(f"| {r['model_name']} | {r['method']} | {r['setting']} | crashed: {r['reason'][:80]} "
                        "| | | | | | | | |")
             continue
-        base = dense.get(r["model_name"])
+        base = dense.get((r["model_name"], r.get("optimizer", "adamw")))
         speed = f"{r['samples_per_second'] / base['samples_per_second']:.2f}x" if base else "-"
         dloss = f"{100 * (r['eval_loss'] / base['eval_loss'] - 1):+.2f}%" if base else "-"
         wire = r.get("wire_tx_bytes_per_step")
@@ -170,6 +185,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="the headline sweep: more settings, both models")
     parser.add_argument("--only", help="comma list: run only configurations whose method or setting contains one")
+    parser.add_argument("--lowrank", action="store_true",
+                        help="run the low-rank optimizer rows (dense DDP vs the lowrank hook) instead of the hooks")
     parser.add_argument("--fsdp", action="store_true",
                         help="also run FSDP2 rows (plain, compressed, low-rank; from bench_fsdp.py) as a second table")
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
@@ -177,7 +194,7 @@ def main() -> None:
     models = (args.models or ("gpt2-large,resnet" if args.full else "gpt2")).split(",")
     steps = args.steps or (60 if args.full else 20)
     warmup = args.warmup or (10 if args.full else 6)
-    configs = QUICK + (FULL_EXTRA if args.full else [])
+    configs = LOWRANK if args.lowrank else QUICK + (FULL_EXTRA + LOWRANK if args.full else [])
     if args.only:
         wanted = [w.strip().lower() for w in args.only.split(",")]
         configs = [c for c in configs if any(w in f"{c[0]} {setting_label(c[1], c[2])}".lower() for w in wanted)]

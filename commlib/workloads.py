@@ -201,6 +201,27 @@ def register_hook(ddp: DDP, model: nn.Module, name: str, options: dict):
     return state, None
 
 
+def build_optimizer(name: str, model: nn.Module, lr: float, projector: str = "dct", rank_fraction: float = 0.25,
+                    gap: int = 50, adamw: dict | None = None):
+    """torch's AdamW, or a commlib low-rank optimizer with GaLore's recipe: the transformer blocks'
+    matrices projected at rank ``rank_fraction`` x their smaller side, AdamW for the rest."""
+    from commlib.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW
+
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, **(adamw or {}))
+    matrices = [p for n, p in model.named_parameters() if p.dim() == 2 and ".h." in f".{n}"]
+    if not matrices:  # not a GPT-2: every matrix and convolution
+        matrices = [p for p in model.parameters() if p.dim() >= 2]
+    ids = {id(p) for p in matrices}
+    others = [p for p in model.parameters() if id(p) not in ids]
+    group = {"params": matrices, "update_proj_gap": gap, "projector": projector}
+    if name == "frugal":
+        return FrugalAdamW([{"params": others}, {**group, "density": rank_fraction}], lr=lr)
+    rank = max(1, int(rank_fraction * min(min(p.shape[0], p[0].numel()) for p in matrices)))
+    cls = {"galore": GaLoreAdamW, "fira": FiraAdamW}[name]
+    return cls([{"params": others}, {**group, "rank": rank}], lr=lr)
+
+
 def interface_tx_bytes(interface: str | None) -> int:
     """Bytes sent so far on a network interface (the emulated node's link), 0 when not given."""
     if not interface:
@@ -230,6 +251,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0)
     parser.add_argument("--adamw", default="fused", choices=list(ADAMW_IMPLEMENTATIONS),
                         help="torch AdamW implementation (fused: one kernel per step, 5-7x faster on CPU here)")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "galore", "fira", "frugal"],
+                        help="low-rank optimizers project the transformer blocks' matrices (GaLore's recipe)")
+    parser.add_argument("--projector", default="dct", choices=["dct", "svd", "random"])
+    parser.add_argument("--rank-fraction", type=float, default=0.25, help="rank / smaller side (FRUGAL: density)")
+    parser.add_argument("--update-proj-gap", type=int, default=50)
     parser.add_argument("--hook", default="none", choices=list(BASELINES) + hooks.names())
     parser.add_argument("--option", action="append", default=[], help="hook option key=value (repeatable)")
     parser.add_argument("--compressor", help='for --hook ef and friends, e.g. "TopK(density=0.01)"')
@@ -257,8 +283,11 @@ def train(args: argparse.Namespace) -> dict:
     options = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.option)}
     if args.compressor:
         options["compressor"] = parse_compressor(args.compressor)
+    opt = build_optimizer(args.optimizer, model, args.lr, args.projector, args.rank_fraction, args.update_proj_gap,
+                          ADAMW_IMPLEMENTATIONS[args.adamw])
+    if args.hook == "lowrank":  # the hook all-reduces this optimizer's projected gradients
+        options["optimizer"] = opt
     state, fixed_bytes = register_hook(ddp, model, args.hook, options)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, **ADAMW_IMPLEMENTATIONS[args.adamw])
     times, losses = [], []
     hook_bytes_start = wire_start = 0
     for step in range(args.steps):
@@ -291,7 +320,9 @@ def train(args: argparse.Namespace) -> dict:
     step_times = sorted(times[args.warmup:]) or sorted(times)
     batch_size = args.batch * world
     result = {
-        "model": args.model, "hook": args.hook, "options": {k: str(v) for k, v in options.items()},
+        "model": args.model, "hook": args.hook, "optimizer": args.optimizer,
+        "projector": args.projector if args.optimizer != "adamw" else None,
+        "options": {k: str(v) for k, v in options.items() if k != "optimizer"},
         "world": world, "steps": args.steps, "warmup": args.warmup,
         "parameters": sum(p.numel() for p in model.parameters()),
         "step_seconds_median": step_times[len(step_times) // 2],

@@ -23,7 +23,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from commlib.workloads import ByteBatches, gpt2_model, interface_tx_bytes, lm_loss, parse_compressor
+from commlib.workloads import (ByteBatches, build_optimizer, gpt2_model, interface_tx_bytes, lm_loss,
+                               parse_compressor)
 
 
 class SilentReduceScatter:
@@ -45,23 +46,6 @@ def local_bytes(tensors) -> int:
 
 def optimizer_state_bytes(opt) -> int:
     return local_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-
-
-def build_optimizer(name: str, model, lr: float, projector: str, rank_fraction: float, gap: int):
-    from commlib.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW
-
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
-    # GaLore's recipe: project the transformer blocks' matrices, plain AdamW for embeddings and norms
-    matrices = [p for n, p in model.named_parameters() if p.dim() == 2 and ".h." in f".{n}"]
-    ids = {id(p) for p in matrices}
-    others = [p for p in model.parameters() if id(p) not in ids]
-    rank = max(1, int(rank_fraction * min(min(p.shape) for p in matrices)))
-    group = {"params": matrices, "update_proj_gap": gap, "projector": projector}
-    if name == "frugal":
-        return FrugalAdamW([{"params": others}, {**group, "density": rank_fraction}], lr=lr)
-    cls = {"galore": GaLoreAdamW, "fira": FiraAdamW}[name]
-    return cls([{"params": others}, {**group, "rank": rank}], lr=lr)
 
 
 def parse_args(argv=None):
@@ -116,7 +100,8 @@ def train(args) -> dict:
             state = compress_gradients(model, parse_compressor(args.compressor), error_feedback=ef)
         if args.quantize_weights:
             gathers = quantize_all_gather(model, args.block_size)
-    opt = build_optimizer(args.optimizer, model, args.lr, args.projector, args.rank_fraction, args.update_proj_gap)
+    opt = build_optimizer(args.optimizer, model, args.lr, args.projector, args.rank_fraction, args.update_proj_gap,
+                          {"foreach": True})
     times, losses = [], []
     wire_start = 0
     memory = {}

@@ -95,8 +95,11 @@ def _direct_calls(rank, world, name, error_feedback, shapes):
     return outs, comm.residual
 
 
-@pytest.mark.parametrize("name", list(COMPRESSORS))
-@pytest.mark.parametrize("error_feedback", [False, True, "bf16"])
+RECURSION_CASES = [(name, True) for name in COMPRESSORS] + [
+    (name, ef) for name in ("qsgd4", "randomk", "powersgd") for ef in (False, "bf16")]
+
+
+@pytest.mark.parametrize("name,error_feedback", RECURSION_CASES)
 def test_reduce_scatter_follows_its_recursion(name, error_feedback):
     """Every rank's output equals the one-process simulation of all ranks (same seeds): the sum of
     the decoded rows, and with error feedback e' = v - D(C(v)), v = g + e."""
@@ -138,12 +141,11 @@ def test_every_compressor_trains_consistently(name):
     """3 ranks, error feedback: the loss goes down, every rank gathers the same parameters, and the
     bytes sent are the compressor's wire size."""
     def run(rank, world):
+        start = _train_loss(shard(mlp()), rank, world)
         model, state, _ = _train(rank, world, 6, COMPRESSORS[name], error_feedback=True, lr=0.05)
-        return all_ranks_equal(full_params(model)), _train_loss(model, rank, world), state.stats()
+        return all_ranks_equal(full_params(model)), _train_loss(model, rank, world), state.stats(), start
 
-    results = run_world(run, 3)
-    base = run_world(lambda rank, world: _train_loss(shard(mlp()), rank, world), 3)
-    for (equal, loss, stats), start in zip(results, base):
+    for equal, loss, stats, start in run_world(run, 3):
         assert equal
         assert loss < start
         assert stats["step"] == 6 and stats["bytes_sent"] > 0

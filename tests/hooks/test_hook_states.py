@@ -51,7 +51,7 @@ def test_a_state_of_the_old_format_is_refused():
 
 
 def test_names_list_every_hook():
-    assert hooks.names() == ["allreduce", "fp16", "bf16", "ef", "ef21", "ef21w", "powersgd", "lgreco", "agvm", "dp_ef", "gc"]
+    assert hooks.names() == ["allreduce", "fp16", "bf16", "ef", "ef21", "ef21w", "powersgd", "lgreco", "agvm", "dp_ef", "gc", "lowrank"]
 
 
 def test_states_build_before_init_and_bind_at_first_use():

@@ -41,6 +41,12 @@ def batch(step, rank):
     return torch.randn(8, 12, generator=gen), torch.randn(8, 3, generator=gen)
 
 
+def _both(rank, world, method, projector, residuals=("exact",), micro=1):
+    """Dense DDP, then the hook with each residual option, in one world."""
+    dense = _train(rank, world, method, projector, False, micro=micro)
+    return dense, [_train(rank, world, method, projector, True, r, micro=micro) for r in residuals]
+
+
 def _train(rank, world, method, projector, through_hook, residual="exact", micro=1):
     model = Net()
     ddp = DDP(model)
@@ -71,11 +77,11 @@ def _train(rank, world, method, projector, through_hook, residual="exact", micro
 def test_galore_through_hook_equals_dense_ddp(world, projector):
     """7 steps with refreshes at 0, 3 and 6: the same parameters (relative 1e-5) as GaLore over
     DDP's dense all-reduce, every rank bit-identical, and the bytes of each step the formula's."""
-    hooked = run_world(_train, world, args=("galore", projector, True))
-    dense = run_world(_train, world, args=("galore", projector, False))
+    results = run_world(_both, world, args=("galore", projector))
+    hooked = [h[0] for _, h in results]
     for params, _ in hooked:
         assert torch.equal(params, hooked[0][0])
-    ref = dense[0][0]
+    ref = results[0][0][0]
     assert float((hooked[0][0] - ref).abs().max() / ref.abs().max()) <= 1e-5
     # non-refresh steps: R of a (20 x 12, right: 20 x 2), b (6 x 20, left: 2 x 20), c (3 x 6, left: 2 x 6),
     # plus the three biases dense; refresh steps: everything dense
@@ -86,18 +92,15 @@ def test_galore_through_hook_equals_dense_ddp(world, projector):
 
 
 def test_galore_through_hook_with_accumulation():
-    hooked = run_world(_train, 2, args=("galore", "dct", True), kwargs={"micro": 2})
-    dense = run_world(_train, 2, args=("galore", "dct", False), kwargs={"micro": 2})
-    assert float((hooked[0][0] - dense[0][0]).abs().max() / dense[0][0].abs().max()) <= 1e-5
+    (dense, _), [(hooked, _)] = run_world(_both, 2, args=("galore", "dct"), kwargs={"micro": 2})[0]
+    assert float((hooked - dense).abs().max() / dense.abs().max()) <= 1e-5
 
 
 @pytest.mark.parametrize("method", ["fira", "frugal"])
 def test_residual_exact_equals_dense_and_none_differs(method):
     """Fira and FRUGAL use G - P R: residual='exact' averages their matrices densely (== dense DDP);
     residual='none' sends R only, so it follows another trajectory (measured, not equal)."""
-    dense = run_world(_train, 2, args=(method, "svd", False))[0][0]
-    exact = run_world(_train, 2, args=(method, "svd", True, "exact"))[0][0]
-    none, sent = run_world(_train, 2, args=(method, "svd", True, "none"))[0]
+    (dense, _), [(exact, _), (none, sent)] = run_world(_both, 2, args=(method, "svd", ("exact", "none")))[0]
     assert float((exact - dense).abs().max() / dense.abs().max()) <= 1e-5
     assert float((none - dense).abs().max()) > 1e-4
     assert sent[1] < sent[0]  # a non-refresh step sends the projected matrices
