@@ -124,14 +124,14 @@ def table(rows: list[dict], link_bps: float | None) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|")
     out = [head]
     # each row against dense DDP with the same optimizer
-    dense = {(r["model_name"], r.get("optimizer", "adamw")): r for r in rows if r["hook"] == "none"
-             and not r.get("crashed")}
+    dense = {(r["model_name"], r.get("optimizer", "adamw"), r.get("projector")): r for r in rows
+             if r["hook"] == "none" and not r.get("crashed")}
     for r in rows:
         if r.get("crashed"):
             out.append(f"| {r['model_name']} | {r['method']} | {r['setting']} | crashed: {r['reason'][:80]} "
                        "| | | | | | | | |")
             continue
-        base = dense.get((r["model_name"], r.get("optimizer", "adamw")))
+        base = dense.get((r["model_name"], r.get("optimizer", "adamw"), r.get("projector")))
         speed = f"{r['samples_per_second'] / base['samples_per_second']:.2f}x" if base else "-"
         dloss = f"{100 * (r['eval_loss'] / base['eval_loss'] - 1):+.2f}%" if base else "-"
         wire = r.get("wire_tx_bytes_per_step")
