@@ -18,6 +18,12 @@ projector is computed from the averaged gradient, so it is the same on every ran
 
 State per parameter: tensors and ints only (``torch.load(weights_only=True)`` reads it); integer
 index tensors are protected from ``Optimizer.load_state_dict``'s cast to the parameter dtype.
+
+FSDP2's sharded (DTensor ``Shard(0)``) parameters are stepped on each rank's rows with the explicit
+collectives of :mod:`commlib.optim.sharded` (state stored as DTensors, counted in :meth:`stats`).
+Under DDP, ``hooks.make("lowrank", optimizer=opt)`` all-reduces the projected gradients instead of
+the full ones through :meth:`wire_projection` / :meth:`receive_projected`. DeepSpeed ZeRO >= 1's
+flat partitions are refused at the first step.
 """
 
 from __future__ import annotations
@@ -252,10 +258,16 @@ class LowRankAdamW(Optimizer):
 
     # ------------------------------------------------------------------ the wire protocol (hooks "lowrank")
     def group_of(self, p: torch.Tensor) -> dict | None:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        return None
+        """The param group holding ``p`` (a cached map, rebuilt when the groups change)."""
+        cache = self.__dict__.setdefault("group_cache", {})
+        group = cache.get(id(p))
+        if group is None or not any(group is g for g in self.param_groups):
+            cache.clear()
+            for g in self.param_groups:
+                for q in g["params"]:
+                    cache[id(q)] = g
+            group = cache.get(id(p))
+        return group
 
     def wire_projection(self, p: torch.Tensor):
         """``(basis, side)`` this optimizer projects ``p``'s gradient with at its next step, or None
