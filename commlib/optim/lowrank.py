@@ -272,17 +272,25 @@ class LowRankAdamW(Optimizer):
     def wire_projection(self, p: torch.Tensor):
         """``(basis, side)`` this optimizer projects ``p``'s gradient with at its next step, or None
         when it needs the whole averaged gradient then: ``p`` is not projected (dense, FRUGAL's
-        blocks, a sharded parameter) or the next step refreshes the projector. Equal on every rank
-        (it follows the optimizer state, which the ranks share)."""
+        blocks, a sharded parameter) or the next step refreshes an svd or dct projector (a random
+        one is known before the step). Equal on every rank (it follows the optimizer state, which
+        the ranks share)."""
         group = self.group_of(p)
         if group is None or not self.is_low_rank_group(group) or p.dim() < 2 or row_shard_of(p) is not None:
             return None
         if group.get("projector") == "blocks":
             return None
         state = self.state.get(p)
+        shape = pj.matrix_shape(p.shape)
         if not state or "side" not in state or state.get("step", 0) % group["update_proj_gap"] == 0:
-            return None
-        return self.basis_of(state, pj.matrix_shape(p.shape), p.dtype, p.device), state["side"]
+            if group["projector"] != "random":
+                return None
+            # a random basis depends on (seed, parameter, refresh count) only: the refresh needs no gradient
+            index = next(i for i, q in enumerate(group["params"]) if q is p)
+            side = pj.side_for(shape, group["proj_type"])
+            seed = derive_seed(group["seed"], index, (state or {}).get("refreshes", 0))
+            return pj.random_basis(shape, self.group_rank(group, shape), side, seed, p.dtype, p.device), side
+        return self.basis_of(state, shape, p.dtype, p.device), state["side"]
 
     def needs_residual(self) -> bool:
         """Whether the update uses ``G - back(R)`` besides ``R`` (Fira's residual, FRUGAL's state-free part)."""
