@@ -21,7 +21,7 @@ disagree across uneven shards). Fira adds a scalar all-reduce (the residual's no
 left side, an all-gather of ``R`` for its residual; FRUGAL the same all-gather on the left side.
 Everything else (dense AdamW of 1-D and unprojected parameters, FRUGAL's blocks) is element-wise
 and local. Optimizer state is stored as DTensors sharded like the computation above, so
-``torch.distributed.checkpoint`` saves and reshards it; per-rank state is about 1/W of the
+``torch.distributed.checkpoint`` saves it with its sharding; per-rank state is about 1/W of the
 unsharded optimizer's.
 """
 
