@@ -74,6 +74,8 @@ LOWRANK = [
     ("fira dct, lowrank hook", "lowrank", ["--optimizer", "fira", *_GAP, "--option", "residual=none"]),
     ("frugal dct, dense DDP", "none", ["--optimizer", "frugal", *_GAP]),
     ("frugal dct, lowrank hook", "lowrank", ["--optimizer", "frugal", *_GAP, "--option", "residual=none"]),
+    ("fira dct, lowrank hook, sign residual", "lowrank", ["--optimizer", "fira", *_GAP, "--compressor", "Sign()"]),
+    ("frugal dct, lowrank hook, sign residual", "lowrank", ["--optimizer", "frugal", *_GAP, "--compressor", "Sign()"]),
 ]
 MODELS = {
     # GPT-2-style: wide and shallow with short sequences, so that gradients are large next to compute

@@ -282,7 +282,8 @@ def train(args: argparse.Namespace) -> dict:
     ddp = DDP(model, bucket_cap_mb=args.bucket_cap_mb)
     options = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.option)}
     if args.compressor:
-        options["compressor"] = parse_compressor(args.compressor)
+        # the lowrank hook compresses the residual G - P R of Fira / FRUGAL with it
+        options["residual" if args.hook == "lowrank" else "compressor"] = parse_compressor(args.compressor)
     opt = build_optimizer(args.optimizer, model, args.lr, args.projector, args.rank_fraction, args.update_proj_gap,
                           ADAMW_IMPLEMENTATIONS[args.adamw])
     if args.hook == "lowrank":  # the hook all-reduces this optimizer's projected gradients

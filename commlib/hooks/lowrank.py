@@ -11,15 +11,19 @@ and parameters it does not project, are averaged densely. The averaged ``R`` goe
 Fira's residual ``G - P R`` and FRUGAL's state-free ``sign(G - P R)`` need the part of the averaged
 gradient outside the subspace, which ``R`` does not carry: ``residual="exact"`` averages those
 optimizers' matrices densely (exact, no saving), ``residual="none"`` sends ``R`` only (the residual
-is then zero: Fira's update becomes GaLore's with ``alpha``, FRUGAL's state-free step vanishes).
+is then zero: Fira's update becomes GaLore's with ``alpha``, FRUGAL's state-free step vanishes), and
+``residual=<compressor>`` sends ``R`` plus the compressed local residual ``S_i = G_i - P R_i`` with
+classic error feedback (``v = S_i + e_i``, send ``C(v)``, keep ``e_i = v - D(C(v))``;
+e.g. ``compress.Sign()``: 1 bit per value), the mean of the decoded residuals added to ``P R``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from commlib.comm.patterns import allreduce_mean_, split_like
+from commlib.comm.patterns import allgather_payloads, allreduce_mean_, split_like
 from commlib.comm.queue import Comm
+from commlib.compress.base import Compressor
 from commlib.hooks.state import HookState, ParamView
 from commlib.optim import projectors as pj
 
@@ -32,9 +36,9 @@ class LowRankState(HookState):
 
     Arguments:
         optimizer: the low-rank optimizer that steps the DDP model's parameters.
-        residual: ``"exact"`` (default) or ``"none"``, for the optimizers whose update uses the
-            residual ``G - P R`` (Fira; FRUGAL unless ``inactive_update_rule="no"``); GaLore is exact
-            either way.
+        residual: ``"exact"`` (default), ``"none"`` or a :mod:`commlib.compress` compressor (sent with
+            error feedback), for the optimizers whose update uses the residual ``G - P R`` (Fira;
+            FRUGAL unless ``inactive_update_rule="no"``); GaLore ignores it (it is exact).
 
     Example::
 
@@ -44,7 +48,8 @@ class LowRankState(HookState):
     """
 
     name = "lowrank"
-    stateful = False
+    stateful = False  # no dense warm-up needed: the first steps refresh (dense) or project a known basis
+    per_rank_buffers = ("residuals",)
 
     def __init__(self, process_group=None, optimizer=None, *, residual: str = "exact", **kwargs):
         from commlib.optim.lowrank import LowRankAdamW
@@ -52,16 +57,24 @@ class LowRankState(HookState):
         if not isinstance(optimizer, LowRankAdamW):
             raise ValueError("optimizer must be a commlib GaLoreAdamW, FiraAdamW or FrugalAdamW, got "
                              f"{type(optimizer).__name__}")
-        if residual not in RESIDUALS:
-            raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+        if not isinstance(residual, Compressor) and residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS} or a commlib.compress compressor, got {residual!r}")
         self.optimizer = optimizer
         self.residual = residual
         self.params: dict[str, torch.Tensor] = {}
+        self.residuals: dict[str, torch.Tensor] = {}  # error feedback of a compressed residual
         kwargs.setdefault("start_iter", 0)
         super().__init__(process_group, **kwargs)
 
     def options(self) -> dict:
-        return {"optimizer": self.optimizer.method, "residual": self.residual}
+        return {"optimizer": self.optimizer.method, "residual": repr(self.residual) if isinstance(
+            self.residual, Compressor) else self.residual}
+
+    def buffers_state(self) -> dict:
+        return {"residuals": dict(self.residuals)}
+
+    def load_buffers_state(self, buffers: dict) -> None:
+        self.residuals = dict(buffers.get("residuals", {}))
 
     def param_views(self, bucket) -> list[ParamView]:
         views = super().param_views(bucket)
@@ -84,11 +97,44 @@ class LowRankState(HookState):
                 lows = [pj.project(pj.as_matrix(v.grad), basis, side) for v, (basis, side) in projected]
                 flat = torch.cat([low.reshape(-1) for low in lows])
                 allreduce_mean_(comm, flat)
-                for (v, (basis, side)), mean in zip(projected, split_like(flat, lows)):
-                    v.grad.copy_(pj.project_back(mean, basis, side).view_as(v.grad))
+                local_rest = None
+                if isinstance(self.residual, Compressor) and self.optimizer.needs_residual():
+                    local_rest = [pj.as_matrix(v.grad) - pj.project_back(low, basis, side)
+                                  for (v, (basis, side)), low in zip(projected, lows)]
+                allreduce_mean_(comm, flat)
+                means = split_like(flat, lows)
+                extra = self.reduce_residuals(comm, [v for v, _ in projected], local_rest, step) \
+                    if local_rest is not None else [(None, 0)] * len(projected)
+                for (v, (basis, side)), mean, (rest, rest_bytes) in zip(projected, means, extra):
+                    back = pj.project_back(mean, basis, side)
+                    v.grad.copy_((back if rest is None else back + rest).view_as(v.grad))
                     self.optimizer.receive_projected(self.params[v.key], mean.clone())
-                    self.book_layer(v, mean.numel() * mean.element_size(), compressed=True,
+                    self.book_layer(v, mean.numel() * mean.element_size() + rest_bytes, compressed=True,
                                     side="right" if side == pj.RIGHT else "left", rank=min(mean.shape))
             return buffer
 
         return job
+
+    def reduce_residuals(self, comm: Comm, views: list[ParamView], local_rest: list[torch.Tensor], step: int):
+        """Mean over ranks of the compressed residuals (classic EF per parameter): ``[(mean, bytes)]``.
+        A non-finite mean leaves the error-feedback buffers as they were."""
+        from commlib.hooks.ef import ef_step
+
+        payloads, new_errors = [], []
+        for v, rest in zip(views, local_rest):
+            payload, error = ef_step(rest, self.residuals.get(v.key), self.residual, self.layer_seed(step, v.key))
+            payloads.append(payload)
+            new_errors.append(error)
+        gathered = allgather_payloads(comm, payloads)
+        out = []
+        for i, rest in enumerate(local_rest):
+            mean = torch.zeros(rest.shape, dtype=torch.float32, device=rest.device)
+            for rank_payloads in gathered:  # rank order: the same float sum on every rank
+                self.residual.decompress_add_(mean, rank_payloads[i])
+            out.append((mean.div_(comm.world_size).to(rest.dtype), payloads[i].wire_bytes()))
+        if all(self.all_finite(mean) for mean, _ in out):
+            for v, error in zip(views, new_errors):
+                self.residuals[v.key] = error
+        else:
+            self.mark_skipped(step)
+        return out
