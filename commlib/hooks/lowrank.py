@@ -96,7 +96,6 @@ class LowRankState(HookState):
             if projected:
                 lows = [pj.project(pj.as_matrix(v.grad), basis, side) for v, (basis, side) in projected]
                 flat = torch.cat([low.reshape(-1) for low in lows])
-                allreduce_mean_(comm, flat)
                 local_rest = None
                 if isinstance(self.residual, Compressor) and self.optimizer.needs_residual():
                     local_rest = [pj.as_matrix(v.grad) - pj.project_back(low, basis, side)

@@ -67,7 +67,13 @@ def _train(rank, world, method, projector, through_hook, residual="exact", micro
         opt.step()
         opt.zero_grad()
         if state is not None:
-            sent.append(state.stats()["bytes_sent"])
+            stats = state.stats()
+            sent.append(stats["bytes_sent"])
+            # what the collectives really moved (ring count: an all-reduce moves its buffer at W = 2)
+            moved = stats["wire_bytes_total"] - sum(getattr(state, "_moved", [0]))
+            state._moved = getattr(state, "_moved", []) + [moved]
+            if world == 2 and isinstance(residual, str):
+                assert moved == stats["bytes_sent"], (step, moved, stats["bytes_sent"])
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return params, sent
 
