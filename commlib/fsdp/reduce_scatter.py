@@ -137,7 +137,7 @@ class CompressedReduceScatter(ReduceScatter):
         chunk = rows.shape[1]
         segments = codec.row_segments(chunk, self.param_shapes, isinstance(state.compressor, PowerSGD))
         flags = torch.stack([codec.finite_flag(rows[j]) for j in range(world)])
-        finite = not bool(flags.ne(0).any() | flags.isnan().any())
+        finite = not bool(flags.ne(0).any())  # NaN != 0 too
         v = rows.float()
         if state.residual_dtype is not None:
             if self.residual is None or self.residual.shape != rows.shape:

@@ -9,7 +9,17 @@ from torch.distributed.fsdp import FSDPModule
 from commlib.compress import Compressor
 from commlib.fsdp import codec
 from commlib.fsdp.reduce_scatter import CompressedReduceScatter
-from commlib.hooks.state import FORMAT, ON_MISMATCH, check_format, pick_rank_state, require_initialized, tensor_keys
+from commlib.hooks.state import (
+    FORMAT,
+    ON_MISMATCH,
+    any_rank_max,
+    check_format,
+    missing_tensors,
+    options_differ,
+    pick_rank_state,
+    require_initialized,
+    tensor_keys,
+)
 
 RESIDUAL_DTYPES = {False: None, True: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -130,7 +140,7 @@ class GradientCompression:
         rank, world = self._rank_world()
         mine, problems = pick_rank_state(state, rank, world, self.name)
         fatal = self._unfit(mine)
-        worst = self._any_rank(2 if fatal else 1 if problems else 0)
+        worst = any_rank_max(2 if fatal else 1 if problems else 0, self.process_group)
         if fatal:
             raise ValueError(fatal)
         if worst == 2:
@@ -157,26 +167,17 @@ class GradientCompression:
                     c.warm_q[(int(j), int(s))] = q.clone()
 
     def _unfit(self, mine: dict) -> str | None:
-        now = self.options()
-        differ = {k: (v, now.get(k)) for k, v in mine["options"].items() if now.get(k) != v}
+        differ = options_differ(mine["options"], self.options())
         if differ:
-            return ("fsdp_compress state was saved with other options: "
-                    + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in sorted(differ.items())))
+            return f"fsdp_compress state was saved with other options: {differ}"
         if list(mine["modules"]) != [c.name for c in self.comms]:
             return (f"fsdp_compress state was saved for FSDP modules {list(mine['modules'])[:4]}..., this model has "
                     f"{[c.name for c in self.comms][:4]}...")
-        missing = sorted(set(filter(None, mine["tensor_keys"].split("\n"))) - set(tensor_keys(mine["buffers"])))
+        missing = missing_tensors(mine)
         if missing:
             return (f"fsdp_compress state lacks {len(missing)} saved tensors (e.g. {missing[0]!r}): checkpoint it "
                     "with commlib.checkpoint.HookStateful(state)")
         return None
-
-    def _any_rank(self, level: int) -> int:
-        if dist.get_world_size(self.process_group) == 1:
-            return level
-        flag = torch.tensor([level], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
-        return int(flag.item())
 
     def remove(self) -> None:
         """Put FSDP's default reduce-scatter back on every module."""

@@ -23,8 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from commlib.workloads import (ByteBatches, build_optimizer, gpt2_model, interface_tx_bytes, lm_loss,
-                               parse_compressor)
+from commlib.workloads import ByteBatches, build_optimizer, gpt2_model, interface_tx_bytes, lm_loss, parse_compressor
 
 
 class SilentReduceScatter:

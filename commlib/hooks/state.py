@@ -460,17 +460,14 @@ class HookState:
             return (f"{self.name} hook state was saved keyed by parameter {mine['keyed_by']}s, this state is keyed by "
                     f"{self.keyed_by}s: build it {'with' if mine['keyed_by'] == 'name' else 'without'} model= as "
                     "the saving run did")
-        now = self.options()
-        differ = {k: (v, now.get(k)) for k, v in mine["options"].items() if now.get(k) != v}
-        differ.update({k: (None, v) for k, v in now.items() if k not in mine["options"]})
+        differ = options_differ(mine["options"], self.options())
         if differ:
-            return (f"{self.name} hook state was saved with other options: "
-                    + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in sorted(differ.items())))
+            return f"{self.name} hook state was saved with other options: {differ}"
         saved = {k: list(v) for k, v in mine["params"].items()}
         if saved and not self._layout_open and saved != self.param_shapes:  # this state has seen its model
             differ = sorted(k for k in set(saved) | set(self.param_shapes) if saved.get(k) != self.param_shapes.get(k))
             return f"loaded {self.name} hook state does not fit this model (parameters {differ[:5]})"
-        missing = sorted(set(filter(None, mine["tensor_keys"].split("\n"))) - set(tensor_keys(mine["buffers"])))
+        missing = missing_tensors(mine)
         if missing:
             return (f"{self.name} hook state lacks {len(missing)} saved tensors (e.g. {missing[0]!r}): "
                     "torch.distributed.checkpoint loads tensors in place, into buffers a fresh state does "
@@ -479,13 +476,7 @@ class HookState:
 
     def _any_rank(self, level: int) -> int:
         """The largest ``level`` over the ranks of the state's group (one tiny all-reduce)."""
-        group = self.queue.group if self.queue is not None else self.process_group
-        if dist.get_world_size(group) == 1:
-            return level
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-        flag = torch.tensor([level], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return int(flag.item())
+        return any_rank_max(level, self.queue.group if self.queue is not None else self.process_group)
 
     def buffers_state(self) -> dict:
         return {}
@@ -498,6 +489,29 @@ def require_initialized() -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("this needs an initialized torch.distributed process group (the state binds at its "
                            "first hook call, or at state.bind())")
+
+
+def options_differ(saved: dict, now: dict) -> str:
+    """``"k=saved (now current), ..."`` for every option that differs or exists on one side only."""
+    differ = {k: (v, now.get(k)) for k, v in saved.items() if now.get(k) != v}
+    differ.update({k: (None, v) for k, v in now.items() if k not in saved})
+    return ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in sorted(differ.items()))
+
+
+def missing_tensors(part: dict) -> list[str]:
+    """Tensors a saved part lists in ``tensor_keys`` but does not hold (a DCP load into a fresh state)."""
+    return sorted(set(filter(None, part["tensor_keys"].split("\n"))) - set(tensor_keys(part["buffers"])))
+
+
+def any_rank_max(level: int, group=None) -> int:
+    """The largest ``level`` over the ranks of ``group`` (one tiny all-reduce): every rank reaches the
+    same verdict on a load."""
+    if dist.get_world_size(group) == 1:
+        return level
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    flag = torch.tensor([level], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return int(flag.item())
 
 
 def tensor_keys(tree, prefix: str = "") -> list[str]:

@@ -197,8 +197,7 @@ class LowRankAdamW(Optimizer):
             if torch.isfinite(whole).all() or "basis" not in state:  # a non-finite gradient keeps the old one
                 state["basis"] = self.stored_basis(pj.svd_basis(whole, rank, side), side, shard)
         elif group["projector"] == "random":
-            seed = derive_seed(group["seed"], index, refresh)
-            basis = pj.random_basis(shape, rank, side, seed, grad2d.dtype, grad2d.device)
+            basis = self.random_basis_for(group, shape, index, refresh, grad2d.dtype, grad2d.device)
             state["basis"] = self.stored_basis(basis, side, shard)
         else:
             if shard is None:
@@ -210,6 +209,13 @@ class LowRankAdamW(Optimizer):
             if torch.isfinite(scores).all() or "dct_indices" not in state:
                 state["dct_indices"] = pj.top_indices(scores, rank)
         state["refreshes"] = refresh + 1
+
+    def random_basis_for(self, group: dict, shape, index: int, refresh: int, dtype, device) -> torch.Tensor:
+        """The random projector of parameter ``index`` at its ``refresh``-th refresh: a function of
+        (group seed, index, refresh) alone, so the lowrank hook knows it before the refresh."""
+        side = pj.side_for(shape, group["proj_type"])
+        seed = derive_seed(group["seed"], index, refresh)
+        return pj.random_basis(shape, self.group_rank(group, shape), side, seed, dtype, device)
 
     @staticmethod
     def stored_basis(basis: torch.Tensor, side: int, shard) -> torch.Tensor:
@@ -287,9 +293,9 @@ class LowRankAdamW(Optimizer):
                 return None
             # a random basis depends on (seed, parameter, refresh count) only: the refresh needs no gradient
             index = next(i for i, q in enumerate(group["params"]) if q is p)
-            side = pj.side_for(shape, group["proj_type"])
-            seed = derive_seed(group["seed"], index, (state or {}).get("refreshes", 0))
-            return pj.random_basis(shape, self.group_rank(group, shape), side, seed, p.dtype, p.device), side
+            refresh = (state or {}).get("refreshes", 0)
+            basis = self.random_basis_for(group, shape, index, refresh, p.dtype, p.device)
+            return basis, pj.side_for(shape, group["proj_type"])
         return self.basis_of(state, shape, p.dtype, p.device), state["side"]
 
     def needs_residual(self) -> bool:
