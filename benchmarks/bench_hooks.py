@@ -1,6 +1,6 @@
-"""PowerSGD hook cost: commlib's hook against PyTorch's ``powerSGD_hook`` on the same model and rank.
+"""Hook cost per step: commlib's PowerSGD against PyTorch's ``powerSGD_hook``, and every compressing hook.
 
-    python benchmarks/bench_hooks.py [--ranks 1 2 4] [--steps 12] [--layers 8] [--width 1024]
+    python benchmarks/bench_hooks.py [--ranks 1 2 4] [--steps 12] [--layers 8] [--width 1024] [--repeats 3]
 
 Model: ``layers`` x Linear(width, width) (DESIGN.md: 8 x 1024), one 64 MB bucket (PyTorch's hook
 runs there). A gloo world of 2 processes on this machine (1 thread each); medians over the steps
@@ -14,6 +14,11 @@ after warm-up:
 * dense DDP for reference, and both hooks with DDP's default 25 MB buckets (``--bucket-mb``:
   two buckets for this model); PyTorch's runs in a world of its own, since on gloo it aborts
   the processes ("Received data size doesn't match expected size").
+* every other compressing hook (commlib's and PyTorch's fp16, EF sign and QSGD two-phase, EF top-k
+  and random-k, L-GreCo) on the default buckets: its cost and the step's share of the
+  no-communication ceiling.
+
+Each case is the median over ``--repeats`` separate worlds (this machine is shared and noisy).
 
 Writes ``benchmarks/results/bench_hooks.json``.
 """
@@ -36,6 +41,26 @@ import torch.distributed as dist
 from torch import nn
 
 
+def _ef(compressor: str, collective: str = "auto"):
+    def options():
+        from commlib import compress
+
+        return {"compressor": eval(compressor, vars(compress)), "collective": collective}  # noqa: S307
+    return options
+
+
+# every other compressing hook, timed the same way (hook cost = step - step without DDP)
+OTHER_HOOKS = {
+    "commlib-fp16": ("fp16", dict),
+    "ef-sign-two-phase": ("ef", _ef("Sign()", "two_phase")),
+    "ef-qsgd4-two-phase": ("ef", _ef("QSGD(bits=4)", "two_phase")),
+    "ef-topk-1%": ("ef", _ef("TopK(0.01)")),
+    "ef-randomk-1%": ("ef", _ef("RandomK(0.01)")),
+    "lgreco-powersgd": ("lgreco", lambda: {"family": "powersgd", "rank": 4, "retune_every": 100,
+                                           "accumulate_steps": 2}),
+}
+
+
 def model_of(layers: int, width: int) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
@@ -56,6 +81,14 @@ def step_times(impl: str, rank_r: int, steps: int, layers: int, width: int, buck
     elif impl.startswith("commlib"):
         state, hook = hooks.make("powersgd", rank=rank_r, start_iter=2, model=model,
                                  batch_tensors_with_same_shape=impl.endswith("batched"))
+        ddp.register_comm_hook(state, hook)
+    elif impl == "torch-fp16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif impl in OTHER_HOOKS:
+        name, options = OTHER_HOOKS[impl]
+        state, hook = hooks.make(name, start_iter=2, model=model, **options())
         ddp.register_comm_hook(state, hook)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(dist.get_rank())
@@ -125,6 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size of the several-bucket check")
+    parser.add_argument("--repeats", type=int, default=3, help="worlds to run; each case's median is kept")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_hooks.json"))
     args = parser.parse_args(argv)
     print("command:", " ".join([sys.executable, *sys.argv]))
@@ -134,10 +168,15 @@ def main(argv=None) -> int:
     for r in args.ranks:
         cases += [("torch", r, ONE), ("commlib", r, ONE), ("commlib-batched", r, ONE)]
     cases.append(("commlib", args.ranks[-1], args.bucket_mb))
-    timed = run_world(2, cases, args)
-    if any(isinstance(v, str) for v in timed.values()):
-        print("failed:", timed)
-        return 1
+    cases += [("torch-fp16", 0, args.bucket_mb)] + [(impl, 0, args.bucket_mb) for impl in OTHER_HOOKS]
+    cases.append(("local", 0, args.bucket_mb))
+    runs = []
+    for _ in range(args.repeats):  # separate worlds; the median of each case over them
+        runs.append(run_world(2, cases, args))
+        if any(isinstance(v, str) for v in runs[-1].values()):
+            print("failed:", runs[-1])
+            return 1
+    timed = {case: statistics.median(run[case] for run in runs) for case in cases}
     base = timed[("local", 0, ONE)]
     print(f"\n2 ranks on loopback, {args.layers} x Linear({args.width}), one {ONE} MB bucket: "
           f"step without DDP {base * 1e3:.1f} ms, dense DDP {timed[('none', 0, ONE)] * 1e3:.1f} ms")
@@ -160,6 +199,17 @@ def main(argv=None) -> int:
     crash = run_world(2, [("torch", r, args.bucket_mb)], args, limit=120)[("torch", r, args.bucket_mb)]
     print(f"\n{args.bucket_mb} MB buckets, rank {r}: commlib step {small * 1e3:.1f} ms; PyTorch's hook: "
           f"{crash if isinstance(crash, str) else f'{crash * 1e3:.1f} ms'}")
+    # every compressing hook on the default buckets: hook cost against the no-communication ceiling
+    ceiling = timed[("local", 0, args.bucket_mb)]
+    print(f"\nEvery compressing hook, {args.bucket_mb} MB buckets (median of {args.repeats} worlds; "
+          f"step without DDP {ceiling * 1e3:.1f} ms):")
+    print(f"{'hook':>22}{'step ms':>10}{'hook ms':>10}{'share of ceiling':>18}")
+    others = []
+    for impl in ["torch-fp16", *OTHER_HOOKS]:
+        step = timed[(impl, 0, args.bucket_mb)]
+        others.append({"hook": impl, "step_ms": step * 1e3, "hook_ms": (step - ceiling) * 1e3,
+                       "ceiling_share": ceiling / step})
+        print(f"{impl:>22}{step * 1e3:>10.1f}{(step - ceiling) * 1e3:>10.1f}{100 * ceiling / step:>17.0f}%")
     loopback = {"no_ddp_step_ms": base * 1e3, "dense_ddp_step_ms": timed[("none", 0, ONE)] * 1e3,
                 f"commlib_rank{r}_{args.bucket_mb}MB_step_ms": small * 1e3,
                 f"torch_rank{r}_{args.bucket_mb}MB": crash if isinstance(crash, str) else crash * 1e3}
@@ -167,7 +217,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(sys.argv), "torch": torch.__version__, "layers": args.layers,
-                               "width": args.width, "hook_cost": rows, "loopback_2_ranks": loopback}, indent=2))
+                               "width": args.width, "repeats": args.repeats, "hook_cost": rows,
+                               "every_hook": others, "loopback_2_ranks": loopback}, indent=2))
     print(f"\nwrote {out}")
     return 0
 

@@ -85,6 +85,8 @@ MODELS = {
     "gpt2-xl": ["--model", "gpt2", "--dim", "1024", "--layers", "2", "--heads", "16", "--context", "16",
                 "--batch", "4"],
     "resnet": ["--model", "resnet", "--dim", "64", "--batch", "16"],
+    # communication-heavy: 8 x Linear(1024), 8.4M parameters, little compute per byte
+    "mlp": ["--model", "mlp", "--dim", "1024", "--layers", "8", "--batch", "16"],
 }
 
 

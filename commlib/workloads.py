@@ -4,6 +4,8 @@ Models are built from configs with random init (nothing downloaded):
 
 * ``gpt2``: :class:`transformers.GPT2LMHeadModel`, byte vocabulary (256), trained on the Python
   install's own ``Lib/*.py`` sources (next-byte prediction);
+* ``mlp``: ``layers`` x Linear(dim, dim), the communication-heavy check (8 x 1024), regressing the
+  next ``dim`` source bytes from the previous ``dim``;
 * ``resnet``: :class:`transformers.ResNetForImageClassification` (basic blocks), trained on
   scikit-learn's bundled 8x8 handwritten digits, upsampled to 32x32.
 
@@ -126,6 +128,24 @@ def resnet_model(width: int = 32, depths: tuple = (1, 1, 1, 1)) -> nn.Module:
     return ResNetForImageClassification(config)
 
 
+def mlp_model(width: int = 1024, layers: int = 8) -> nn.Module:
+    """The communication-heavy check of DESIGN.md: ``layers`` x Linear(width, width) with ReLU
+    between them (8 x 1024: 8.4M parameters for ~17 MFLOP per sample)."""
+    blocks = []
+    for i in range(layers):
+        blocks.append(nn.Linear(width, width))
+        if i < layers - 1:
+            blocks.append(nn.ReLU())
+    return nn.Sequential(*blocks)
+
+
+def mlp_loss(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    """Predict the next ``width`` bytes of the sources from the previous ones (scaled to [0, 1])."""
+    x = window.float().div_(255.0)
+    half = x.shape[1] // 2
+    return nn.functional.mse_loss(model(x[:, :half]), x[:, half : 2 * half])
+
+
 def lm_loss(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=window[:, :-1]).logits
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
@@ -238,8 +258,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     from commlib import hooks
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gpt2", choices=["gpt2", "resnet"])
-    parser.add_argument("--dim", type=int, default=256, help="gpt2 width / resnet base width")
+    parser.add_argument("--model", default="gpt2", choices=["gpt2", "resnet", "mlp"])
+    parser.add_argument("--dim", type=int, default=256, help="gpt2 / mlp width, resnet base width")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--context", type=int, default=64)
@@ -275,6 +295,10 @@ def train(args: argparse.Namespace) -> dict:
         model = gpt2_model(args.dim, args.layers, args.heads, args.context)
         data = ByteBatches(rank, world, args.batch, args.context, args.seed)
         loss_fn = lm_loss
+    elif args.model == "mlp":
+        model = mlp_model(args.dim, args.layers)
+        data = ByteBatches(rank, world, args.batch, 2 * args.dim - 1, args.seed)  # windows of 2 * width bytes
+        loss_fn = mlp_loss
     else:
         model = resnet_model(args.dim)
         data = DigitBatches(rank, world, args.batch, args.seed)

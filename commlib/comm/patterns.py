@@ -137,3 +137,103 @@ def two_phase_allreduce_like(
     results = [r[: v.numel()].view(v.shape) for r, v in zip(results, values)]
     local_hat = [h[: v.numel()].view(v.shape) for h, v in zip(local_hat, values)]
     return results, local_hat, new_errors
+
+
+class TwoPhaseEF:
+    """:func:`two_phase_allreduce` of ``v = g + e`` with error feedback on both sides, fused: the
+    gradients and residuals are read in place (nothing padded or materialized), and what depends on
+    the step being kept runs only when asked.
+
+    After construction (which runs both collectives) ``finite`` says whether every rank's result
+    is finite (read from the gathered payloads); :meth:`commit_residuals` then writes the worker
+    residuals ``e <- (g + e) - decompress(sent)`` and the server errors, and :meth:`write_results`
+    overwrites the gradients with the mean estimate. Commit before writing: the residuals read the
+    gradients. The arithmetic is :func:`two_phase_allreduce_like`'s with ``values = g + e``.
+    """
+
+    def __init__(self, comm: Comm, grads: list[torch.Tensor], residuals: list[torch.Tensor | None],
+                 compressor: Compressor, server_errors: list[torch.Tensor | None], seeds: list[int]):
+        n = comm.world_size
+        align = two_phase_alignment(compressor, n)
+        self.compressor = compressor
+        self.shapes = [g.shape for g in grads]
+        self.grads = [g.reshape(-1) for g in grads]
+        self.residuals = [None if r is None else r.view(-1) for r in residuals]
+        self.server_errors = server_errors
+        self.chunk = [-(-g.numel() // align) * align // n for g in self.grads]
+        # phase 1: every rank compresses every chunk of v = g + e (the last ones zero-padded)
+        self.local = [[compressor.compress_ef(self._piece(g, c, j), self._piece(r, c, j),
+                                              seed=derive_seed(seed, 1, j), numel=c) for j in range(n)]
+                      for g, r, c, seed in zip(self.grads, self.residuals, self.chunk, seeds)]
+        flat, layout = to_bytes([t for j in range(n) for per_tensor in self.local for t in per_tensor[j].tensors])
+        received = comm.all_to_all(flat)
+        per_rank = flat.numel() // n
+        chunk_layout = layout[: len(layout) // n]
+        means = [torch.zeros(c, dtype=torch.float32, device=g.device) for g, c in zip(self.grads, self.chunk)]
+        for src in range(n):  # rank order: the same float sum wherever this chunk is reduced
+            tensors = from_bytes(received[src * per_rank : (src + 1) * per_rank], chunk_layout)
+            i = 0
+            for t, per_tensor in enumerate(self.local):
+                k = len(per_tensor[0].tensors)
+                payload = Payload(tuple(tensors[i : i + k]), (self.chunk[t],), self.grads[t].dtype)
+                compressor.decompress_add_(means[t], payload)
+                i += k
+        # server side: the mean of this rank's chunk, with its own error feedback
+        self.means, self.server_payloads, self._server_new = means, [], []
+        for t, mean in enumerate(means):
+            mean.div_(n)
+            seed = derive_seed(seeds[t], 2, comm.rank)
+            if self.grads[t].dtype == torch.float32:  # fused: mean + error read in place
+                self.server_payloads.append(compressor.compress_ef(mean, server_errors[t], seed=seed))
+                self._server_new.append(None)
+            else:  # the sum is rounded to the gradient's dtype before compressing
+                corrected = mean if server_errors[t] is None else mean + server_errors[t]
+                payload = compressor.compress(corrected.to(self.grads[t].dtype), seed=seed)
+                self.server_payloads.append(payload)
+                self._server_new.append(corrected - compressor.decompress(payload).float())
+        # phase 2: everyone gathers the recompressed chunks
+        self.gathered = allgather_payloads(comm, self.server_payloads)
+        self.finite = all(compressor.payload_finite(rank_payloads[t]) for rank_payloads in self.gathered
+                          for t in range(len(self.grads)))
+
+    @staticmethod
+    def _piece(flat: torch.Tensor | None, chunk: int, j: int) -> torch.Tensor | None:
+        """Chunk ``j`` of a flat tensor, without the padding (possibly empty)."""
+        if flat is None:
+            return None
+        lo = min(j * chunk, flat.numel())
+        return flat[lo : min(lo + chunk, flat.numel())]
+
+    def commit_residuals(self, residuals: list[torch.Tensor | None], workers: bool = True
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The new worker residuals (updated in place where ``residuals`` holds one; none when not
+        ``workers``) and server errors."""
+        new_residuals = []
+        for t, g in enumerate(self.grads if workers else []):
+            old = residuals[t]
+            target = torch.empty_like(g) if old is None else old.view(-1)
+            for j, payload in enumerate(self.local[t]):
+                piece = self._piece(g, self.chunk[t], j)
+                if piece.numel():
+                    self.compressor.update_residual_(self._piece(target, self.chunk[t], j), piece, payload,
+                                                     accumulate=old is not None)
+            new_residuals.append(target.view(self.shapes[t]))
+        new_errors = []
+        for t, mean in enumerate(self.means):
+            if self._server_new[t] is not None:
+                new_errors.append(self._server_new[t])
+                continue
+            old = self.server_errors[t]
+            target = torch.empty_like(mean) if old is None else old
+            new_errors.append(self.compressor.update_residual_(target, mean, self.server_payloads[t],
+                                                               accumulate=old is not None))
+        return new_residuals, new_errors
+
+    def write_results(self, outs: list[torch.Tensor]) -> None:
+        """Each ``outs[t]`` (shaped like grad t) <- the decompressed mean estimate."""
+        for t, out in enumerate(outs):
+            flat = out.view(-1)
+            for j, rank_payloads in enumerate(self.gathered):
+                piece = self._piece(flat, self.chunk[t], j)
+                if piece.numel():
+                    self.compressor.decompress_into_(piece, rank_payloads[t])

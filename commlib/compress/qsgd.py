@@ -58,6 +58,38 @@ class QSGD(Compressor):
         flat = ops.qsgd_dequantize(codes, scales, self.bits, self.bucket_size, n, payload.dtype)
         return flat.view(payload.shape)
 
+    def _dequantize_into(self, out, payload, accumulate):
+        codes, scales = payload.tensors
+        ops.qsgd_dequantize_into_(out.view(-1), codes, scales, self.bits, self.bucket_size, numel_of(payload.shape),
+                                  payload.dtype, accumulate)
+        return out
+
+    def decompress_add_(self, out, payload):
+        """``out += decompress(payload)`` in one pass (``ops.qsgd_dequantize_into_``)."""
+        if not out.is_contiguous() or out.numel() != numel_of(payload.shape):
+            return super().decompress_add_(out, payload)
+        return self._dequantize_into(out, payload, True)
+
+    def decompress_into_(self, out, payload):
+        if not out.is_contiguous():
+            return super().decompress_into_(out, payload)
+        return self._dequantize_into(out, payload, False)
+
+    def compress_ef(self, grad, residual, *, seed=0, numel=None):
+        """Fused pass 1 (``ops.ef_qsgd_quantize``): codes and scales of ``pad(grad + residual)``."""
+        flat = grad.reshape(-1)
+        total = flat.numel() if numel is None else numel
+        codes, scales = ops.ef_qsgd_quantize(flat, None if residual is None else residual.reshape(-1), self.bits,
+                                             self.bucket_size, seed, total)
+        return Payload((codes, scales), grad.shape if numel is None else torch.Size([numel]), grad.dtype)
+
+    def update_residual_(self, residual, grad, payload, accumulate=True):
+        """Fused pass 2 (``ops.ef_qsgd_residual_``)."""
+        codes, scales = payload.tensors
+        ops.ef_qsgd_residual_(residual.view(-1), grad.reshape(-1), codes, scales, self.bits, self.bucket_size,
+                              numel_of(payload.shape), accumulate)
+        return residual
+
     def nbytes(self, shape, dtype=torch.float32):
         n = numel_of(shape)
         return -(-n // 8) * self.bits + 4 * -(-n // self.bucket_size)

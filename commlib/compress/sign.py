@@ -6,6 +6,12 @@ from commlib import ops
 from commlib.compress.base import Compressor, Payload, numel_of, require_int
 
 
+def unscaled_guard(scales: torch.Tensor) -> torch.Tensor:
+    """The one float of ``scaled=False``: 1; 0 if all zero; NaN if any |x| is inf/NaN."""
+    total = scales.sum()
+    return ((total > 0).float() + total * 0).reshape(1)
+
+
 class Sign(Compressor):
     r"""One bit per value, 32 packed to a word, and one scale per chunk.
 
@@ -53,9 +59,7 @@ class Sign(Compressor):
     def compress(self, tensor, *, seed=0):
         packed, scales = ops.sign_pack(tensor, self.chunk_size)
         if not self.scaled:
-            total = scales.sum()
-            guard = ((total > 0).float() + total * 0).reshape(1)  # 1; 0 if all zero; NaN if any |x| is inf/NaN
-            return Payload((packed, guard), tensor.shape, tensor.dtype)
+            return Payload((packed, unscaled_guard(scales)), tensor.shape, tensor.dtype)
         return Payload((packed, scales), tensor.shape, tensor.dtype)
 
     def decompress(self, payload):
@@ -64,6 +68,45 @@ class Sign(Compressor):
         if not self.scaled:
             scales = scales.expand(self._chunks(n)).contiguous()
         return ops.sign_unpack(packed, scales, n, self.chunk_size, payload.dtype).view(payload.shape)
+
+    def _unpack_into(self, out, payload, accumulate):
+        packed, scales = payload.tensors
+        n = numel_of(payload.shape)
+        if not self.scaled:
+            scales = scales.expand(self._chunks(n)).contiguous()
+        ops.sign_unpack_into_(out.view(-1), packed, scales, self.chunk_size, n, payload.dtype, accumulate)
+        return out
+
+    def decompress_add_(self, out, payload):
+        """``out += decompress(payload)`` in one pass (``ops.sign_unpack_into_``)."""
+        if not out.is_contiguous() or out.numel() != numel_of(payload.shape):
+            return super().decompress_add_(out, payload)
+        return self._unpack_into(out, payload, True)
+
+    def decompress_into_(self, out, payload):
+        if not out.is_contiguous():
+            return super().decompress_into_(out, payload)
+        return self._unpack_into(out, payload, False)
+
+    def compress_ef(self, grad, residual, *, seed=0, numel=None):
+        """Fused pass 1 (``ops.ef_sign_pack``): the signs and scales of ``pad(grad + residual)``."""
+        flat = grad.reshape(-1)
+        total = flat.numel() if numel is None else numel
+        packed, scales = ops.ef_sign_pack(flat, None if residual is None else residual.reshape(-1), self.chunk_size,
+                                          total)
+        shape = grad.shape if numel is None else torch.Size([numel])
+        if not self.scaled:
+            return Payload((packed, unscaled_guard(scales)), shape, grad.dtype)
+        return Payload((packed, scales), shape, grad.dtype)
+
+    def update_residual_(self, residual, grad, payload, accumulate=True):
+        """Fused pass 2 (``ops.ef_sign_residual_``)."""
+        packed, scales = payload.tensors
+        n = numel_of(payload.shape)
+        if not self.scaled:
+            scales = scales.expand(self._chunks(n)).contiguous()
+        ops.ef_sign_residual_(residual.view(-1), grad.reshape(-1), packed, scales, self.chunk_size, n, accumulate)
+        return residual
 
     def nbytes(self, shape, dtype=torch.float32):
         n = numel_of(shape)

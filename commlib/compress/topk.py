@@ -56,6 +56,26 @@ class TopK(Compressor):
         values, indices = ops.topk_abs(tensor, k, self.exact)
         return Payload((values, indices), tensor.shape, tensor.dtype)
 
+    def compress_ef(self, grad, residual, *, seed=0, numel=None):
+        """Fused pass 1 (``ops.ef_topk_abs``): the top-k of ``grad + residual`` computed where read."""
+        if numel not in (None, grad.numel()) or grad.dtype == torch.float64:
+            return super().compress_ef(grad, residual, seed=seed, numel=numel)
+        k = topk_count(grad.numel(), self.density)
+        values, indices = ops.ef_topk_abs(grad.reshape(-1), None if residual is None else residual.reshape(-1), k,
+                                          self.exact)
+        return Payload((values, indices), grad.shape if numel is None else torch.Size([numel]), grad.dtype)
+
+    def update_residual_(self, residual, grad, payload, accumulate=True):
+        """Fused pass 2 (``ops.ef_sparse_residual_``): ``g + e`` with what was sent taken out."""
+        if numel_of(payload.shape) != grad.numel() or grad.dtype == torch.float64:
+            return super().update_residual_(residual, grad, payload, accumulate)
+        values, indices = payload.tensors
+        ops.ef_sparse_residual_(residual.view(-1), grad.reshape(-1), indices, values, accumulate)
+        return residual
+
+    def touched_indices(self, payload):
+        return payload.tensors[1]
+
     def decompress(self, payload):
         out = torch.zeros(numel_of(payload.shape), dtype=payload.dtype, device=payload.tensors[0].device)
         return self.decompress_add_(out, payload).view(payload.shape)

@@ -5,12 +5,7 @@ from __future__ import annotations
 import torch
 
 from commlib import compress
-from commlib.comm.patterns import (
-    allgather_payloads,
-    allreduce_mean_,
-    split_like,
-    two_phase_allreduce_like,
-)
+from commlib.comm.patterns import TwoPhaseEF, allgather_payloads, allreduce_mean_, split_like
 from commlib.comm.queue import Comm
 from commlib.compress.base import Compressor, Payload
 from commlib.hooks.state import HookState, ParamView
@@ -105,50 +100,64 @@ class ErrorFeedbackState(HookState):
         return job
 
     def reduce_compressed(self, comm: Comm, chosen: list[ParamView], step: int) -> None:
-        for v in chosen:
-            self.book_layer(v, self.compressor_for(v.key).nbytes(v.grad.shape, v.grad.dtype))
-        server_errors = {}
+        """Error feedback in two passes per parameter (the fused kernels where the compressor has
+        them): compress ``g + e`` reading both in place, run the collective, and only then, if every
+        rank's result is finite, write ``e <- (g + e) - decompress(sent)`` (rule 5: a non-finite step
+        leaves the residuals as they were); the result overwrites the gradient last."""
+        compressors = [self.compressor_for(v.key) for v in chosen]
+        for v, c in zip(chosen, compressors):
+            self.book_layer(v, c.nbytes(v.grad.shape, v.grad.dtype))
         if self.collective == "two_phase":
-            residuals, server_errors = self._two_phase(comm, chosen, step)
+            self._two_phase(comm, chosen, step)
+            return
+        previous = [self.residuals.get(v.key) if self.error_feedback else None for v in chosen]
+        payloads = [c.compress_ef(v.grad, e, seed=self.layer_seed(step, v.key))
+                    for v, c, e in zip(chosen, compressors, previous)]
+        if self.collective == "allreduce":
+            means = sum_summable_payloads(comm, payloads)
+            finite = all(c.payload_finite(p) for c, p in zip(compressors, means))
+            results = [c.decompress(p) for c, p in zip(compressors, means)]
         else:
-            payloads, residuals = [], []
-            for v in chosen:
-                payload, residual = ef_step(
-                    v.grad, self.residuals.get(v.key), self.compressor_for(v.key), self.layer_seed(step, v.key)
-                )
-                payloads.append(payload)
-                residuals.append(residual)
-            if self.collective == "allreduce":
-                for v, p in zip(chosen, sum_summable_payloads(comm, payloads)):
-                    v.grad.copy_(self.compressor_for(v.key).decompress(p))
-            else:
-                gathered = allgather_payloads(comm, payloads)
-                for i, v in enumerate(chosen):
-                    out = torch.zeros(v.grad.shape, dtype=torch.float32, device=v.grad.device)
-                    for rank_payloads in gathered:  # rank order: the same float sum on every rank
-                        self.compressor_for(v.key).decompress_add_(out, rank_payloads[i])
-                    v.grad.copy_(out.div_(comm.world_size))
-        # Rule 5: a non-finite aggregate (any rank overflowed) leaves the residuals as they were.
-        if all(self.all_finite(v.grad) for v in chosen):
+            gathered = allgather_payloads(comm, payloads)
+            finite = all(c.payload_finite(rank_payloads[i]) for rank_payloads in gathered
+                         for i, c in enumerate(compressors))
+            results = []
+            for i, (v, c) in enumerate(zip(chosen, compressors)):
+                if v.grad.dtype == torch.float32 and c.touched_indices(payloads[i]) is not None:
+                    results.append([rank_payloads[i] for rank_payloads in gathered])  # written in place below
+                    continue
+                out = torch.zeros(v.grad.shape, dtype=torch.float32, device=v.grad.device)
+                for rank_payloads in gathered:  # rank order: the same float sum on every rank
+                    c.decompress_add_(out, rank_payloads[i])
+                results.append(out.div_(comm.world_size))
+        if finite:
             if self.error_feedback:
-                for v, r in zip(chosen, residuals):
-                    self.residuals[v.key] = r
-            self.server_errors.update(server_errors)
+                for v, c, p, e in zip(chosen, compressors, payloads, previous):
+                    target = torch.empty_like(v.grad) if e is None else e
+                    self.residuals[v.key] = c.update_residual_(target, v.grad, p, accumulate=e is not None)
         else:
             self.mark_skipped(step)
+        for v, c, result in zip(chosen, compressors, results):
+            if isinstance(result, list):
+                write_sparse_mean(v.grad, c, result, comm.world_size)
+            else:
+                v.grad.copy_(result)
 
     def _two_phase(self, comm, chosen, step):
-        """Two-phase reduction of the EF-corrected values; worker residuals are taken against the
-        per-chunk compression actually sent, server residuals are kept per parameter chunk."""
-        values = [v.grad + self.residuals[v.key] if v.key in self.residuals else v.grad for v in chosen]
-        results, local_hat, server_errors = two_phase_allreduce_like(
-            comm, values, self.compressor, [self.server_errors.get(v.key) for v in chosen],
-            [self.layer_seed(step, v.key) for v in chosen],
-        )
-        residuals = [value - hat for value, hat in zip(values, local_hat)]
-        for v, result in zip(chosen, results):
-            v.grad.copy_(result)
-        return residuals, dict(zip((v.key for v in chosen), server_errors))
+        """Two-phase reduction of the EF-corrected values (:class:`TwoPhaseEF`): worker residuals
+        against the per-chunk compression actually sent, server residuals per parameter chunk."""
+        previous = [self.residuals.get(v.key) if self.error_feedback else None for v in chosen]
+        reduction = TwoPhaseEF(comm, [v.grad for v in chosen], previous, self.compressor,
+                               [self.server_errors.get(v.key) for v in chosen],
+                               [self.layer_seed(step, v.key) for v in chosen])
+        if reduction.finite:
+            residuals, server_errors = reduction.commit_residuals(previous, workers=self.error_feedback)
+            if self.error_feedback:
+                self.residuals.update(zip((v.key for v in chosen), residuals))
+            self.server_errors.update(zip((v.key for v in chosen), server_errors))
+        else:
+            self.mark_skipped(step)
+        reduction.write_results([v.grad for v in chosen])
 
     def buffers_state(self) -> dict:
         return {"residuals": dict(self.residuals), "server_errors": dict(self.server_errors)}
@@ -156,6 +165,18 @@ class ErrorFeedbackState(HookState):
     def load_buffers_state(self, buffers: dict) -> None:
         self.residuals = dict(buffers["residuals"])
         self.server_errors = dict(buffers["server_errors"])
+
+
+def write_sparse_mean(grad: torch.Tensor, compressor: Compressor, payloads: list[Payload], world_size: int) -> None:
+    """``grad <- mean of the decompressed sparse payloads`` (float32), in place: zero, scatter-add in
+    rank order, divide only where something landed. Equal to summing into a zeroed buffer, dividing
+    it all and copying it over, without the two extra passes."""
+    grad.zero_()
+    for payload in payloads:
+        compressor.decompress_add_(grad, payload)
+    flat = grad.view(-1)
+    touched = torch.cat([compressor.touched_indices(p).reshape(-1) for p in payloads]).long()
+    flat[touched] = flat[touched] / world_size
 
 
 def sum_summable_payloads(comm: Comm, payloads: list[Payload]) -> list[Payload]:

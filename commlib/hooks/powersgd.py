@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import torch
 
+from commlib import ops
 from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm
 from commlib.compress.base import require_int
@@ -16,6 +17,11 @@ from commlib.hooks.state import HookState, ParamView
 def should_compress(rows: int, cols: int, rank: int, min_compression_rate: float) -> bool:
     """PyTorch's rule: compress when ``(rows + cols) * rank * min_compression_rate < rows * cols``."""
     return (rows + cols) * rank * min_compression_rate < rows * cols
+
+
+def fusable(grad: torch.Tensor) -> bool:
+    """Whether the fused PowerSGD kernels take this gradient (float32, contiguous)."""
+    return grad.dtype == torch.float32 and grad.is_contiguous()
 
 
 def matrix_of(view: ParamView) -> torch.Tensor:
@@ -142,6 +148,10 @@ class PowerSGDState(HookState):
         ef = self.use_error_feedback
         # M = G + E, kept in the residual buffer (so E = M - M_hat is one in-place subtraction)
         work: dict[str, torch.Tensor] = {}
+        groups = self._groups(chosen)
+        # single float32 matrices on CPU go through the fused kernels: M and P in one pass, then
+        # P Q^T written out with E = M - P Q^T in one pass (ops.powersgd_project / _backproject_)
+        fused = {g[0].key for g in groups if ef and len(g) == 1 and fusable(g[0].grad)}
         for v in views:
             if ef:
                 # double buffering: M goes to a scratch buffer, the residual stays intact until the
@@ -150,7 +160,9 @@ class PowerSGDState(HookState):
                 scratch = self._scratch.pop(v.key, None)
                 if scratch is None or scratch.shape != v.grad.shape or scratch.dtype != v.grad.dtype:
                     scratch = torch.empty_like(v.grad)
-                if residual is None:
+                if v.key in fused:
+                    work[v.key] = scratch  # filled by powersgd_project below
+                elif residual is None:
                     work[v.key] = scratch.copy_(v.grad)
                 else:
                     work[v.key] = torch.add(residual, v.grad, out=scratch)
@@ -159,7 +171,6 @@ class PowerSGDState(HookState):
         # 1) dense part
         self.average_dense(comm, dense, work)
         # 2) groups of matrices: one per tensor, or one per shape when batching
-        groups = self._groups(chosen)
         ms, qs = [], []
         for group in groups:
             mats = [work[v.key].view(matrix_of(v).shape) for v in group]
@@ -175,7 +186,15 @@ class PowerSGDState(HookState):
         if not groups:
             self._commit_dense_residuals(views, dense, work, step)
             return
-        ps = [torch.bmm(m, q) for m, q in zip(ms, qs)]
+        ps = []
+        for group, m, q in zip(groups, ms, qs):
+            v = group[0]
+            if v.key in fused:
+                residual = self.residuals.get(v.key)
+                ps.append(ops.powersgd_project(matrix_of(v), None if residual is None else
+                                               residual.view(m.shape[1:]), q[0], m[0]).unsqueeze(0))
+            else:
+                ps.append(torch.bmm(m, q))
         p_flat = torch.cat([p.reshape(-1) for p in ps])
         comm.all_reduce(p_flat)  # sum: orthogonalization removes the scale
         ps = split_like(p_flat, ps)
@@ -190,7 +209,9 @@ class PowerSGDState(HookState):
         qs = split_like(q_flat, qs)
         finite = self.all_finite(q_flat) and self.all_finite(p_flat)
         for group, p, q in zip(groups, ps, qs):
-            if len(group) == 1:  # write P Q^T straight into the bucket
+            if group[0].key in fused:  # P Q^T into the bucket, and M becomes E = M - P Q^T
+                ops.powersgd_backproject_(work[group[0].key].view(p.shape[1], -1), p[0], q[0], matrix_of(group[0]))
+            elif len(group) == 1:  # write P Q^T straight into the bucket
                 torch.bmm(p, q.transpose(1, 2), out=matrix_of(group[0]).unsqueeze(0))
             else:
                 approx = torch.bmm(p, q.transpose(1, 2))
@@ -199,9 +220,9 @@ class PowerSGDState(HookState):
             if finite and self.warm_start:
                 for i, v in enumerate(group):
                     self.q_memory[v.key] = q[i].clone()
-        self._commit_dense_residuals(views, dense, work, step, finite)
+        self._commit_dense_residuals(views, dense, work, step, finite, fused)
 
-    def _commit_dense_residuals(self, views, dense, work, step, finite: bool = True) -> None:
+    def _commit_dense_residuals(self, views, dense, work, step, finite: bool = True, fused=frozenset()) -> None:
         finite = finite and all(self.all_finite(v.grad) for v in dense)
         if not finite:
             self.mark_skipped(step)
@@ -212,7 +233,7 @@ class PowerSGDState(HookState):
         if self.use_error_feedback:
             for v in views:
                 old = self.residuals.get(v.key)
-                self.residuals[v.key] = work[v.key].sub_(v.grad)
+                self.residuals[v.key] = work[v.key] if v.key in fused else work[v.key].sub_(v.grad)
                 if old is not None:
                     self._scratch[v.key] = old
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from commlib.comm.patterns import allreduce_mean_, split_like
 from commlib.comm.queue import Comm, OrderedQueue, PeerFailure, carrying_errors
-from commlib.compress.base import derive_seed
+from commlib.compress.base import derive_seed, tensor_is_finite
 
 
 @dataclass
@@ -358,7 +358,7 @@ class HookState:
 
     @staticmethod
     def all_finite(tensor: torch.Tensor) -> bool:
-        return bool(torch.isfinite(tensor).all())
+        return tensor_is_finite(tensor)
 
     # ------------------------------------------------------------------ reporting and checkpoints
     def stats(self) -> dict:
@@ -385,7 +385,8 @@ class HookState:
 
     def state_dict(self) -> dict:
         """This rank's state, under ``rank{r}``, with what a load needs to refuse a wrong one."""
-        buffers = self.buffers_state()
+        # a snapshot: hooks update their buffers in place, a held state_dict must not change with them
+        buffers = cloned_tensors(self.buffers_state())
         mine = {
             "rank": self.rank,
             "world_size": self.world_size,
@@ -451,7 +452,7 @@ class HookState:
             buffers = without_per_rank(buffers, self.per_rank_buffers)
             self.dense_until = self.step + self.start_iter
             self.resets += 1
-        self.load_buffers_state(buffers)
+        self.load_buffers_state(cloned_tensors(buffers))  # the state owns what it updates in place
         self._expected_shapes = {k: list(v) for k, v in mine["params"].items()} or None
 
     def _unfit(self, mine: dict) -> str | None:
@@ -512,6 +513,15 @@ def any_rank_max(level: int, group=None) -> int:
     flag = torch.tensor([level], dtype=torch.int64, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return int(flag.item())
+
+
+def cloned_tensors(tree):
+    """A copy of a nested dict whose tensors are cloned (primitives shared)."""
+    if torch.is_tensor(tree):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {k: cloned_tensors(v) for k, v in tree.items()}
+    return tree
 
 
 def tensor_keys(tree, prefix: str = "") -> list[str]:

@@ -37,3 +37,60 @@ def _qsgd_dequantize(codes, scales, bits, bucket_size, numel, dtype):
 @torch.library.register_fake("commlib::topk_abs")
 def _topk_abs(x, k, exact):
     return x.new_empty(k), x.new_empty(k, dtype=torch.int32)
+
+
+@torch.library.register_fake("commlib::ef_sign_pack")
+def _ef_sign_pack(grad, residual, chunk_size, numel):
+    return grad.new_empty(-(-numel // 32), dtype=torch.int32), grad.new_empty(_chunks(numel, chunk_size),
+                                                                              dtype=torch.float32)
+
+
+@torch.library.register_fake("commlib::ef_sign_residual_")
+def _ef_sign_residual_(residual, grad, packed, scales, chunk_size, numel, accumulate):
+    return None
+
+
+@torch.library.register_fake("commlib::ef_qsgd_quantize")
+def _ef_qsgd_quantize(grad, residual, bits, bucket_size, seed, numel):
+    return (grad.new_empty(-(-numel // 8) * bits, dtype=torch.uint8),
+            grad.new_empty(-(-numel // bucket_size), dtype=torch.float32))
+
+
+@torch.library.register_fake("commlib::ef_qsgd_residual_")
+def _ef_qsgd_residual_(residual, grad, codes, scales, bits, bucket_size, numel, accumulate):
+    return None
+
+
+@torch.library.register_fake("commlib::ef_topk_abs")
+def _ef_topk_abs(grad, residual, k, exact):
+    return grad.new_empty(k), grad.new_empty(k, dtype=torch.int32)
+
+
+@torch.library.register_fake("commlib::ef_sparse_residual_")
+def _ef_sparse_residual_(residual, grad, indices, values, accumulate):
+    return None
+
+
+@torch.library.register_fake("commlib::ef_gather")
+def _ef_gather(grad, residual, indices):
+    return grad.new_empty(indices.numel()), grad.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("commlib::powersgd_project")
+def _powersgd_project(grad, residual, q, m):
+    return grad.new_empty((grad.shape[0], q.shape[1]))
+
+
+@torch.library.register_fake("commlib::powersgd_backproject_")
+def _powersgd_backproject_(m, p, q, out):
+    return None
+
+
+@torch.library.register_fake("commlib::sign_unpack_into_")
+def _sign_unpack_into_(out, packed, scales, chunk_size, numel, dtype, accumulate):
+    return None
+
+
+@torch.library.register_fake("commlib::qsgd_dequantize_into_")
+def _qsgd_dequantize_into_(out, codes, scales, bits, bucket_size, numel, dtype, accumulate):
+    return None

@@ -8,6 +8,8 @@ float32-then-float64 blocks in C++: they agree to about 1e-7 relative.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -186,3 +188,98 @@ def topk_abs(x: torch.Tensor, k: int, exact: bool) -> tuple[torch.Tensor, torch.
     values = torch.nn.functional.pad(flat[chosen], (0, padding))
     indices = torch.nn.functional.pad(chosen, (0, padding))
     return values, indices.to(torch.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused error feedback (EF-SGD, Karimireddy et al. 2019, Alg. 2): v = g + e is compressed, and
+# after the collective e' = v - decompress(C(v)). The kernels compute v where they read it; these
+# references materialize it, in the gradient's dtype, exactly as ``ErrorFeedbackState`` always has.
+def ef_corrected(grad: torch.Tensor, residual: torch.Tensor | None, numel: int | None = None) -> torch.Tensor:
+    """``pad(g + e, numel)`` flat, in the gradient's dtype (``g`` alone without a residual)."""
+    _check_float("ef", grad)
+    flat = grad.reshape(-1)
+    if residual is not None:
+        if residual.dtype != grad.dtype or residual.numel() != grad.numel():
+            raise RuntimeError("commlib::ef: residual must match grad's dtype and size")
+        flat = flat + residual.reshape(-1)
+    if numel is not None:
+        if numel < flat.numel():
+            raise RuntimeError(f"commlib::ef: numel {numel} is below grad's {flat.numel()}")
+        flat = torch.nn.functional.pad(flat, (0, numel - flat.numel()))
+    return flat
+
+
+def _write_residual(residual: torch.Tensor, grad: torch.Tensor, accumulate: bool, hat: torch.Tensor) -> None:
+    corrected = ef_corrected(grad, residual if accumulate else None)
+    residual.copy_((corrected - hat[: grad.numel()]).view_as(residual))
+
+
+def ef_sign_pack(grad, residual, chunk_size: int, numel: int):
+    return sign_pack(ef_corrected(grad, residual, numel), chunk_size)
+
+
+def ef_sign_residual_(residual, grad, packed, scales, chunk_size: int, numel: int, accumulate: bool) -> None:
+    _write_residual(residual, grad, accumulate, sign_unpack(packed, scales, numel, chunk_size, grad.dtype))
+
+
+def ef_qsgd_quantize(grad, residual, bits: int, bucket_size: int, seed: int, numel: int):
+    return qsgd_quantize(ef_corrected(grad, residual, numel), bits, bucket_size, seed)
+
+
+def ef_qsgd_residual_(residual, grad, codes, scales, bits: int, bucket_size: int, numel: int,
+                      accumulate: bool) -> None:
+    _write_residual(residual, grad, accumulate, qsgd_dequantize(codes, scales, bits, bucket_size, numel, grad.dtype))
+
+
+def ef_topk_abs(grad, residual, k: int, exact: bool):
+    return topk_abs(ef_corrected(grad, residual), k, exact)
+
+
+def ef_sparse_residual_(residual, grad, indices, values, accumulate: bool) -> None:
+    if values.dtype != grad.dtype or values.numel() != indices.numel():
+        raise RuntimeError("commlib::ef_sparse_residual_: values must match grad's dtype and the indices' count")
+    hat = torch.zeros(grad.numel(), dtype=grad.dtype, device=grad.device).index_add_(0, indices.long(), values)
+    _write_residual(residual, grad, accumulate, hat)
+
+
+def ef_gather(grad, residual, indices):
+    flat = ef_corrected(grad, residual)
+    low, high = torch.aminmax(flat) if flat.numel() else (flat.new_zeros(()), flat.new_zeros(()))
+    finite = torch.isfinite(low) & torch.isfinite(high)
+    guard = torch.where(finite, 0.0, math.nan).to(torch.float32)
+    return flat[indices.long()], guard
+
+
+# --------------------------------------------------------------------------------------------
+# PowerSGD (Vogels et al. 2019, Alg. 1): M = G + E, P = M Q; later hat = P Q^T, E' = M - hat.
+def powersgd_project(grad, residual, q, m):
+    if residual is None:
+        m.copy_(grad)
+    else:
+        torch.add(grad, residual, out=m)
+    return m @ q
+
+
+def powersgd_backproject_(m, p, q, out) -> None:
+    torch.mm(p, q.t(), out=out)
+    m.sub_(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Decompression into an existing tensor: the reference's out.add_(decompress(p).to(out.dtype))
+# (or out.copy_(...)), over the first out.numel() values of a possibly padded payload.
+def _store(out: torch.Tensor, hat: torch.Tensor, accumulate: bool) -> None:
+    hat = hat[: out.numel()].view_as(out).to(out.dtype)
+    if accumulate:
+        out.add_(hat)
+    else:
+        out.copy_(hat)
+
+
+def sign_unpack_into_(out, packed, scales, chunk_size: int, numel: int, dtype, accumulate: bool) -> None:
+    _store(out, sign_unpack(packed, scales, numel, chunk_size, dtype), accumulate)
+
+
+def qsgd_dequantize_into_(out, codes, scales, bits: int, bucket_size: int, numel: int, dtype,
+                          accumulate: bool) -> None:
+    _store(out, qsgd_dequantize(codes, scales, bits, bucket_size, numel, dtype), accumulate)

@@ -145,15 +145,19 @@ const float* as_floats(const scalar_t* p, int64_t count, float* buffer) {
   }
 }
 
-template <typename scalar_t>
-void quantize_bucket(const scalar_t* x, int64_t begin, int64_t count, int bits, uint32_t key, uint8_t* codes_out,
+// One bucket: `floats(first, len, buffer)` yields the float32 values at element indices
+// first .. first + len - 1 (the input itself or the error-feedback source).
+template <typename Floats>
+void quantize_bucket(const Floats& floats, int64_t begin, int64_t count, int bits, uint32_t key, uint8_t* codes_out,
                      float* scale_out) {
   alignas(64) float buffer[kBlock];
   alignas(64) uint8_t codes[kBlock];
+  // a bucket that fits one block is loaded once for both loops
+  const float* cached = count <= kBlock ? floats(begin, count, buffer) : nullptr;
   float scale = 0.0f;
   for (int64_t b = 0; b < count && scale == scale; b += kBlock) {
     const int64_t len = std::min(kBlock, count - b);
-    scale = nan_max(scale, block_absmax(as_floats(x + b, len, buffer), len));
+    scale = nan_max(scale, block_absmax(cached != nullptr ? cached : floats(begin + b, len, buffer), len));
   }
   *scale_out = scale;
   const uint32_t levels = (1u << bits) - 1u;
@@ -165,7 +169,8 @@ void quantize_bucket(const scalar_t* x, int64_t begin, int64_t count, int bits, 
     // multiple of 8, so a block cut at the boundary still holds whole groups
     const int64_t to_boundary = (((first >> 32) + 1) << 32) - first;
     const int64_t len = std::min({kBlock, count - b, to_boundary});
-    block_codes(as_floats(x + b, len, buffer), len, first, key, inv_scale, half_levels, levels, codes);
+    block_codes(cached != nullptr ? cached + b : floats(first, len, buffer), len, first, key, inv_scale, half_levels,
+                levels, codes);
     pack_codes(codes, len, bits, codes_out + first / 8 * bits);
     b += len;
   }
@@ -190,7 +195,10 @@ std::tuple<at::Tensor, at::Tensor> qsgd_quantize_cpu(const at::Tensor& x_in, int
 #pragma omp parallel for schedule(static) num_threads(kernel_threads())
     for (int64_t b = 0; b < buckets; ++b) {
       const int64_t begin = b * bucket_size;
-      quantize_bucket(in + begin, begin, std::min(bucket_size, n - begin), static_cast<int>(bits), key, code_ptr,
+      const auto floats = [in](int64_t first, int64_t len, float* buffer) {
+        return as_floats(in + first, len, buffer);
+      };
+      quantize_bucket(floats, begin, std::min(bucket_size, n - begin), static_cast<int>(bits), key, code_ptr,
                       scale_ptr + b);
     }
   });
@@ -240,11 +248,133 @@ at::Tensor qsgd_dequantize_cpu(const at::Tensor& codes_in, const at::Tensor& sca
   return out;
 }
 
+// Fused error feedback, pass 1: qsgd_quantize of v = pad(g + e, numel) without materializing v.
+std::tuple<at::Tensor, at::Tensor> ef_qsgd_quantize_cpu(const at::Tensor& grad,
+                                                        const c10::optional<at::Tensor>& residual, int64_t bits,
+                                                        int64_t bucket_size, int64_t seed, int64_t numel) {
+  const at::Tensor* res = residual.has_value() ? &residual.value() : nullptr;
+  check_ef_pair("commlib::ef_qsgd_quantize", grad, res);
+  check_qsgd_args("commlib::ef_qsgd_quantize", bits, bucket_size);
+  TORCH_CHECK(numel >= grad.numel(), "commlib::ef_qsgd_quantize: numel ", numel, " is below grad's ", grad.numel());
+  const int64_t n = numel;
+  const int64_t buckets = (n + bucket_size - 1) / bucket_size;
+  at::Tensor codes = at::empty({code_bytes_for(n, bits)}, grad.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({buckets}, grad.options().dtype(at::kFloat));
+  uint8_t* code_ptr = codes.data_ptr<uint8_t>();
+  float* scale_ptr = scales.data_ptr<float>();
+  const uint32_t key = seed_key(seed);
+  dispatch_floats(grad.scalar_type(), "ef_qsgd_quantize", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const CorrectedSource<scalar_t> src{grad.data_ptr<scalar_t>(), res ? res->data_ptr<scalar_t>() : nullptr,
+                                        grad.numel()};
+    const auto floats = [&src](int64_t first, int64_t len, float* buffer) { return src.floats(first, len, buffer); };
+#pragma omp parallel for schedule(static) num_threads(kernel_threads())
+    for (int64_t b = 0; b < buckets; ++b) {
+      const int64_t begin = b * bucket_size;
+      quantize_bucket(floats, begin, std::min(bucket_size, n - begin), static_cast<int>(bits), key, code_ptr,
+                      scale_ptr + b);
+    }
+  });
+  return {codes, scales};
+}
+
+// Fused error feedback, pass 2: e <- (g + e) - dequantize(codes, scales) in place.
+void ef_qsgd_residual_cpu(const at::Tensor& residual, const at::Tensor& grad, const at::Tensor& codes_in,
+                          const at::Tensor& scales_in, int64_t bits, int64_t bucket_size, int64_t numel,
+                          bool accumulate) {
+  check_ef_pair("commlib::ef_qsgd_residual_", grad, &residual);
+  check_qsgd_args("commlib::ef_qsgd_residual_", bits, bucket_size);
+  TORCH_CHECK(codes_in.scalar_type() == at::kByte && scales_in.scalar_type() == at::kFloat,
+              "commlib::ef_qsgd_residual_: codes must be uint8 and scales float32");
+  TORCH_CHECK(numel >= grad.numel() && codes_in.numel() == code_bytes_for(numel, bits),
+              "commlib::ef_qsgd_residual_: ", codes_in.numel(), " code bytes do not match numel ", numel);
+  const int64_t buckets = (numel + bucket_size - 1) / bucket_size;
+  TORCH_CHECK(scales_in.numel() == buckets, "commlib::ef_qsgd_residual_: expected ", buckets, " scales, got ",
+              scales_in.numel());
+  const at::Tensor codes = codes_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  const uint8_t* code_ptr = codes.data_ptr<uint8_t>();
+  const float* scale_ptr = scales.data_ptr<float>();
+  const uint32_t levels = (1u << bits) - 1u;
+  const float inv_levels = 1.0f / static_cast<float>(levels);
+  const int64_t n = grad.numel();
+  const int64_t used_buckets = (n + bucket_size - 1) / bucket_size;
+  dispatch_floats(grad.scalar_type(), "ef_qsgd_residual_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* e = residual.data_ptr<scalar_t>();
+#pragma omp parallel for schedule(static) num_threads(kernel_threads())
+    for (int64_t bucket = 0; bucket < used_buckets; ++bucket) {
+      alignas(64) uint8_t block[kBlock];
+      alignas(64) float hat[kBlock];
+      const int64_t begin = bucket * bucket_size;
+      const int64_t count = std::min(bucket_size, n - begin);
+      for (int64_t b = 0; b < count; b += kBlock) {
+        const int64_t len = std::min(kBlock, count - b);
+        const int64_t first = begin + b;
+        unpack_codes(code_ptr + first / 8 * bits, len, static_cast<int>(bits), block);
+        block_values(block, len, scale_ptr[bucket], inv_levels, levels, hat);
+        for (int64_t j = 0; j < len; ++j) {
+          const scalar_t v = accumulate ? corrected_value(g[first + j], e[first + j]) : g[first + j];
+          e[first + j] = residual_value(v, hat[j]);
+        }
+      }
+    }
+  });
+}
+
+// Dequantization into an existing tensor: out[:out.numel()] <- (out +) qsgd_dequantize(...).
+void qsgd_dequantize_into_cpu(const at::Tensor& out, const at::Tensor& codes_in, const at::Tensor& scales_in,
+                              int64_t bits, int64_t bucket_size, int64_t numel, at::ScalarType dtype,
+                              bool accumulate) {
+  COMMLIB_CHECK_FLOAT_INPUT("commlib::qsgd_dequantize_into_", out);
+  check_qsgd_args("commlib::qsgd_dequantize_into_", bits, bucket_size);
+  TORCH_CHECK(out.is_contiguous() && out.numel() <= numel, "commlib::qsgd_dequantize_into_: out must be ",
+              "contiguous with at most numel elements");
+  TORCH_CHECK(codes_in.scalar_type() == at::kByte && scales_in.scalar_type() == at::kFloat,
+              "commlib::qsgd_dequantize_into_: codes must be uint8 and scales float32");
+  TORCH_CHECK(codes_in.numel() == code_bytes_for(numel, bits), "commlib::qsgd_dequantize_into_: ",
+              codes_in.numel(), " code bytes do not match numel ", numel);
+  const int64_t buckets = (numel + bucket_size - 1) / bucket_size;
+  TORCH_CHECK(scales_in.numel() == buckets, "commlib::qsgd_dequantize_into_: expected ", buckets,
+              " scales, got ", scales_in.numel());
+  const at::Tensor codes = codes_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  const uint8_t* code_ptr = codes.data_ptr<uint8_t>();
+  const float* scale_ptr = scales.data_ptr<float>();
+  const uint32_t levels = (1u << bits) - 1u;
+  const float inv_levels = 1.0f / static_cast<float>(levels);
+  const int64_t n = out.numel();
+  const int64_t used_buckets = (n + bucket_size - 1) / bucket_size;
+  dispatch_float_pair(out.scalar_type(), dtype, "qsgd_dequantize_into_", [&](auto out_tag, auto payload_tag) {
+    using O = decltype(out_tag);
+    using P = decltype(payload_tag);
+    O* o = out.data_ptr<O>();
+#pragma omp parallel for schedule(static) num_threads(kernel_threads())
+    for (int64_t bucket = 0; bucket < used_buckets; ++bucket) {
+      alignas(64) uint8_t block[kBlock];
+      alignas(64) float hat[kBlock];
+      const int64_t begin = bucket * bucket_size;
+      const int64_t count = std::min(bucket_size, n - begin);
+      for (int64_t b = 0; b < count; b += kBlock) {
+        const int64_t len = std::min(kBlock, count - b);
+        const int64_t first = begin + b;
+        unpack_codes(code_ptr + first / 8 * bits, len, static_cast<int>(bits), block);
+        block_values(block, len, scale_ptr[bucket], inv_levels, levels, hat);
+        store_decompressed<O, P>(hat, len, accumulate, o + first);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(commlib, CPU, m) {
   m.impl("qsgd_quantize", &qsgd_quantize_cpu);
   m.impl("qsgd_dequantize", &qsgd_dequantize_cpu);
+  m.impl("ef_qsgd_quantize", &ef_qsgd_quantize_cpu);
+  m.impl("ef_qsgd_residual_", &ef_qsgd_residual_cpu);
+  m.impl("qsgd_dequantize_into_", &qsgd_dequantize_into_cpu);
 }
 
 }  // namespace commlib

@@ -156,11 +156,156 @@ at::Tensor sign_unpack_cpu(const at::Tensor& packed_in, const at::Tensor& scales
   return out;
 }
 
+// Fused error feedback, pass 1 (before the collective): the signs and scales of
+// v = pad(g + e, numel) without materializing v; equal to sign_pack of the materialized v.
+std::tuple<at::Tensor, at::Tensor> ef_sign_pack_cpu(const at::Tensor& grad, const c10::optional<at::Tensor>& residual,
+                                                    int64_t chunk_size, int64_t numel) {
+  const at::Tensor* res = residual.has_value() ? &residual.value() : nullptr;
+  check_ef_pair("commlib::ef_sign_pack", grad, res);
+  TORCH_CHECK(chunk_size >= 0 && chunk_size % 32 == 0,
+              "commlib::ef_sign_pack: chunk_size must be 0 (whole tensor) or a positive multiple of 32, got ",
+              chunk_size);
+  TORCH_CHECK(numel >= grad.numel(), "commlib::ef_sign_pack: numel ", numel, " is below grad's ", grad.numel());
+  const int64_t n = numel;
+  const int64_t words = words_for(n);
+  const int64_t chunk = (chunk_size == 0 || chunk_size >= n) ? std::max<int64_t>(n, 1) : chunk_size;
+  const int64_t chunks = n == 0 ? 0 : (n + chunk - 1) / chunk;
+  const int64_t words_per_chunk = (chunk + 31) / 32;
+  at::Tensor packed = at::empty({words}, grad.options().dtype(at::kInt));
+  at::Tensor scales = at::empty({chunks}, grad.options().dtype(at::kFloat));
+  uint32_t* out = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
+  float* scale_out = scales.data_ptr<float>();
+
+  dispatch_floats(grad.scalar_type(), "ef_sign_pack", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const CorrectedSource<scalar_t> src{grad.data_ptr<scalar_t>(), res ? res->data_ptr<scalar_t>() : nullptr,
+                                        grad.numel()};
+    const bool over_chunks = chunks >= 2 * kernel_threads();
+#pragma omp parallel for schedule(static) num_threads(kernel_threads()) if (over_chunks)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t w_begin = c * words_per_chunk;
+      const int64_t w_end = std::min(words, w_begin + words_per_chunk);
+      double abs_sum = 0.0;
+#pragma omp parallel for schedule(static) num_threads(kernel_threads()) reduction(+ : abs_sum) if (!over_chunks)
+      for (int64_t w = w_begin; w < w_end; ++w) {
+        alignas(16) float buffer[32];
+        const int64_t base = w * 32;
+        const int count = static_cast<int>(std::min<int64_t>(32, n - base));
+        const float* v = src.floats(base, count, buffer);
+        // the same summation as sign_pack of the materialized tensor: SSE lanes for full float32
+        // words, one double per value otherwise
+        out[w] = (std::is_same_v<scalar_t, float> && count == 32) ? pack_word_f32(v, abs_sum)
+                                                                   : pack_word_generic(v, count, abs_sum);
+      }
+      const int64_t count = std::min(n, (c + 1) * chunk) - c * chunk;
+      scale_out[c] = static_cast<float>(abs_sum / static_cast<double>(count));
+    }
+  });
+  return {packed, scales};
+}
+
+// e_j <- (g_j + e_j) - hat_j (or g_j - hat_j), branch-free inner loops that vectorize for float32.
+template <typename scalar_t>
+inline void residual_block(const scalar_t* g, scalar_t* e, const float* hat, int64_t count, bool accumulate) {
+  if (accumulate) {
+    for (int64_t j = 0; j < count; ++j) e[j] = residual_value(corrected_value(g[j], e[j]), hat[j]);
+  } else {
+    for (int64_t j = 0; j < count; ++j) e[j] = residual_value(g[j], hat[j]);
+  }
+}
+
+// Fused error feedback, pass 2 (after the collective, only if the step is kept):
+// e <- (g + e) - unpack(packed, scales) for the first grad.numel() values, in place.
+void ef_sign_residual_cpu(const at::Tensor& residual, const at::Tensor& grad, const at::Tensor& packed_in,
+                          const at::Tensor& scales_in, int64_t chunk_size, int64_t numel, bool accumulate) {
+  check_ef_pair("commlib::ef_sign_residual_", grad, &residual);
+  TORCH_CHECK(packed_in.scalar_type() == at::kInt && scales_in.scalar_type() == at::kFloat,
+              "commlib::ef_sign_residual_: packed must be int32 and scales float32");
+  TORCH_CHECK(numel >= grad.numel() && packed_in.numel() == words_for(numel),
+              "commlib::ef_sign_residual_: packed has ", packed_in.numel(), " words, expected ", words_for(numel));
+  TORCH_CHECK(chunk_size >= 0 && chunk_size % 32 == 0, "commlib::ef_sign_residual_: bad chunk_size ", chunk_size);
+  const int64_t chunk = (chunk_size == 0 || chunk_size >= numel) ? std::max<int64_t>(numel, 1) : chunk_size;
+  const int64_t chunks = numel == 0 ? 0 : (numel + chunk - 1) / chunk;
+  TORCH_CHECK(scales_in.numel() == chunks, "commlib::ef_sign_residual_: expected ", chunks, " scales, got ",
+              scales_in.numel());
+  const at::Tensor packed = packed_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
+  const float* scale_in = scales.data_ptr<float>();
+  const int64_t n = grad.numel();
+  dispatch_floats(grad.scalar_type(), "ef_sign_residual_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* e = residual.data_ptr<scalar_t>();
+    // a word never straddles two chunks (chunk is a multiple of 32, or the whole tensor)
+    const int64_t n_words = words_for(n);
+#pragma omp parallel for schedule(static) num_threads(kernel_threads())
+    for (int64_t w = 0; w < n_words; ++w) {
+      const int64_t base = w * 32;
+      const int count = static_cast<int>(std::min<int64_t>(32, n - base));
+      const float s = scale_in[base / chunk];
+      alignas(64) float hat[32];
+      uint32_t scale_bits;
+      std::memcpy(&scale_bits, &s, sizeof(scale_bits));
+      unpack_words_f32(words + w, 1, scale_bits, reinterpret_cast<uint32_t*>(hat));  // +-s, as sign_unpack
+      residual_block(g + base, e + base, hat, count, accumulate);
+    }
+  });
+}
+
+// Decompression into an existing tensor: out[:out.numel()] <- (out +) sign_unpack(...), so the hooks
+// neither allocate the decompressed tensor nor make a second pass to add or copy it.
+void sign_unpack_into_cpu(const at::Tensor& out, const at::Tensor& packed_in, const at::Tensor& scales_in,
+                          int64_t chunk_size, int64_t numel, at::ScalarType dtype, bool accumulate) {
+  COMMLIB_CHECK_FLOAT_INPUT("commlib::sign_unpack_into_", out);
+  TORCH_CHECK(out.is_contiguous() && out.numel() <= numel, "commlib::sign_unpack_into_: out must be contiguous ",
+              "with at most numel elements");
+  TORCH_CHECK(packed_in.scalar_type() == at::kInt && scales_in.scalar_type() == at::kFloat,
+              "commlib::sign_unpack_into_: packed must be int32 and scales float32");
+  TORCH_CHECK(packed_in.numel() == words_for(numel), "commlib::sign_unpack_into_: packed has ", packed_in.numel(),
+              " words, expected ", words_for(numel));
+  TORCH_CHECK(chunk_size >= 0 && chunk_size % 32 == 0, "commlib::sign_unpack_into_: bad chunk_size ", chunk_size);
+  const int64_t chunk = (chunk_size == 0 || chunk_size >= numel) ? std::max<int64_t>(numel, 1) : chunk_size;
+  const int64_t chunks = numel == 0 ? 0 : (numel + chunk - 1) / chunk;
+  TORCH_CHECK(scales_in.numel() == chunks, "commlib::sign_unpack_into_: expected ", chunks, " scales, got ",
+              scales_in.numel());
+  const at::Tensor packed = packed_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
+  const float* scale_in = scales.data_ptr<float>();
+  const int64_t n = out.numel();
+  dispatch_float_pair(out.scalar_type(), dtype, "sign_unpack_into_", [&](auto out_tag, auto payload_tag) {
+    using O = decltype(out_tag);
+    using P = decltype(payload_tag);
+    O* o = out.data_ptr<O>();
+    constexpr int64_t kWordsPerTask = 64;
+    const int64_t n_words = words_for(n);
+    const int64_t tasks = (n_words + kWordsPerTask - 1) / kWordsPerTask;
+#pragma omp parallel for schedule(static) num_threads(kernel_threads())
+    for (int64_t task = 0; task < tasks; ++task) {
+      alignas(64) float hat[kWordsPerTask * 32];
+      const int64_t w_begin = task * kWordsPerTask;
+      const int64_t w_end = std::min(n_words, w_begin + kWordsPerTask);
+      for (int64_t w = w_begin; w < w_end; ++w) {  // a word never straddles two chunks
+        const float s = scale_in[w * 32 / chunk];
+        uint32_t scale_bits;
+        std::memcpy(&scale_bits, &s, sizeof(scale_bits));
+        unpack_words_f32(words + w, 1, scale_bits, reinterpret_cast<uint32_t*>(hat + (w - w_begin) * 32));
+      }
+      const int64_t first = w_begin * 32;
+      store_decompressed<O, P>(hat, std::min(n, w_end * 32) - first, accumulate, o + first);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(commlib, CPU, m) {
   m.impl("sign_pack", &sign_pack_cpu);
   m.impl("sign_unpack", &sign_unpack_cpu);
+  m.impl("ef_sign_pack", &ef_sign_pack_cpu);
+  m.impl("ef_sign_residual_", &ef_sign_residual_cpu);
+  m.impl("sign_unpack_into_", &sign_unpack_into_cpu);
 }
 
 }  // namespace commlib

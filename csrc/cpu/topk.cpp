@@ -14,14 +14,21 @@ namespace {
 
 constexpr int64_t kSamples = 65536;
 
+// The values ranked: a tensor (PlainSource) or the error-feedback sum g + e (CorrectedSource).
 template <typename scalar_t>
-inline uint32_t key_at(const scalar_t* x, int64_t i) {
-  return magnitude_key(static_cast<float>(x[i]));
+struct PlainSource {
+  const scalar_t* x;
+  inline scalar_t at(int64_t i) const { return x[i]; }
+};
+
+template <typename Src>
+inline uint32_t key_at(const Src& x, int64_t i) {
+  return magnitude_key(static_cast<float>(x.at(i)));
 }
 
 // The `rank`-th largest (1-based) of the sampled keys.
-template <typename scalar_t>
-uint32_t sampled_threshold(const scalar_t* x, int64_t n, int64_t m, int64_t rank) {
+template <typename Src>
+uint32_t sampled_threshold(const Src& x, int64_t n, int64_t m, int64_t rank) {
   std::vector<uint32_t> sample(static_cast<size_t>(m));
   for (int64_t j = 0; j < m; ++j) sample[j] = key_at(x, sample_position(j, n));
   rank = std::clamp<int64_t>(rank, 1, m);
@@ -30,8 +37,8 @@ uint32_t sampled_threshold(const scalar_t* x, int64_t n, int64_t m, int64_t rank
 }
 
 // Indices (ascending) of all elements whose key >= threshold, collected per thread in order.
-template <typename scalar_t>
-std::vector<int32_t> collect_at_least(const scalar_t* x, int64_t n, uint32_t threshold) {
+template <typename Src>
+std::vector<int32_t> collect_at_least(const Src& x, int64_t n, uint32_t threshold) {
   const int threads = kernel_threads();
   std::vector<std::vector<int32_t>> local(threads);
 #pragma omp parallel num_threads(threads)
@@ -62,8 +69,8 @@ inline uint64_t order_key(uint32_t key, int32_t index) {
   return (static_cast<uint64_t>(key) << 32) | (0xffffffffu - static_cast<uint32_t>(index));
 }
 
-template <typename scalar_t>
-std::vector<int32_t> exact_topk(const scalar_t* x, int64_t n, int64_t k) {
+template <typename Src>
+std::vector<int32_t> exact_topk(const Src& x, int64_t n, int64_t k) {
   std::vector<int32_t> cand;
   if (n > 4 * kSamples && k * 16 < n) {
     // Rank with a safety margin of ~4 standard deviations of the sampled count.
@@ -85,13 +92,29 @@ std::vector<int32_t> exact_topk(const scalar_t* x, int64_t n, int64_t k) {
   return out;
 }
 
-template <typename scalar_t>
-std::vector<int32_t> threshold_topk(const scalar_t* x, int64_t n, int64_t k) {
+template <typename Src>
+std::vector<int32_t> threshold_topk(const Src& x, int64_t n, int64_t k) {
   const int64_t m = std::min(n, kSamples);
   const int64_t rank = (k * m + n - 1) / n;  // ceil(k m / n): expected count above the k-th value
   std::vector<int32_t> cand = collect_at_least(x, n, sampled_threshold(x, n, m, rank));
   if (static_cast<int64_t>(cand.size()) > k) cand.resize(static_cast<size_t>(k));
   return cand;  // may be shorter than k: the caller pads
+}
+
+template <typename scalar_t, typename Src>
+void write_topk(const Src& src, int64_t n, int64_t k, bool exact, at::Tensor& values, at::Tensor& indices) {
+  std::vector<int32_t> chosen = exact ? exact_topk(src, n, k) : threshold_topk(src, n, k);
+  int32_t* idx = indices.data_ptr<int32_t>();
+  scalar_t* val = values.data_ptr<scalar_t>();
+  const int64_t real = static_cast<int64_t>(chosen.size());
+  for (int64_t i = 0; i < real; ++i) {
+    idx[i] = chosen[i];
+    val[i] = src.at(chosen[i]);
+  }
+  for (int64_t i = real; i < k; ++i) {  // padding adds nothing when scattered with accumulate
+    idx[i] = 0;
+    val[i] = static_cast<scalar_t>(0.0f);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_abs_cpu(const at::Tensor& x_in, int64_t k, bool exact) {
@@ -105,25 +128,36 @@ std::tuple<at::Tensor, at::Tensor> topk_abs_cpu(const at::Tensor& x_in, int64_t 
   if (k == 0) return {values, indices};
   dispatch_floats(x.scalar_type(), "topk_abs", [&](auto tag) {
     using scalar_t = decltype(tag);
-    const scalar_t* in = x.data_ptr<scalar_t>();
-    std::vector<int32_t> chosen = exact ? exact_topk(in, n, k) : threshold_topk(in, n, k);
-    int32_t* idx = indices.data_ptr<int32_t>();
-    scalar_t* val = values.data_ptr<scalar_t>();
-    const int64_t real = static_cast<int64_t>(chosen.size());
-    for (int64_t i = 0; i < real; ++i) {
-      idx[i] = chosen[i];
-      val[i] = in[chosen[i]];
-    }
-    for (int64_t i = real; i < k; ++i) {  // padding adds nothing when scattered with accumulate
-      idx[i] = 0;
-      val[i] = static_cast<scalar_t>(0.0f);
-    }
+    write_topk<scalar_t>(PlainSource<scalar_t>{x.data_ptr<scalar_t>()}, n, k, exact, values, indices);
+  });
+  return {values, indices};
+}
+
+// Fused error feedback, pass 1: topk_abs of v = g + e, computing v where it is read (the sampled
+// threshold, one scan, the candidates) instead of materializing it.
+std::tuple<at::Tensor, at::Tensor> ef_topk_abs_cpu(const at::Tensor& grad, const c10::optional<at::Tensor>& residual,
+                                                   int64_t k, bool exact) {
+  const at::Tensor* res = residual.has_value() ? &residual.value() : nullptr;
+  check_ef_pair("commlib::ef_topk_abs", grad, res);
+  const int64_t n = grad.numel();
+  TORCH_CHECK(k >= 0 && k <= n, "commlib::ef_topk_abs: k must be in [0, ", n, "], got ", k);
+  TORCH_CHECK(n < (int64_t{1} << 31), "commlib::ef_topk_abs: int32 indices need numel < 2^31, got ", n);
+  at::Tensor indices = at::empty({k}, grad.options().dtype(at::kInt));
+  at::Tensor values = at::empty({k}, grad.options());
+  if (k == 0) return {values, indices};
+  dispatch_floats(grad.scalar_type(), "ef_topk_abs", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const CorrectedSource<scalar_t> src{grad.data_ptr<scalar_t>(), res ? res->data_ptr<scalar_t>() : nullptr, n};
+    write_topk<scalar_t>(src, n, k, exact, values, indices);
   });
   return {values, indices};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(commlib, CPU, m) { m.impl("topk_abs", &topk_abs_cpu); }
+TORCH_LIBRARY_IMPL(commlib, CPU, m) {
+  m.impl("topk_abs", &topk_abs_cpu);
+  m.impl("ef_topk_abs", &ef_topk_abs_cpu);
+}
 
 }  // namespace commlib

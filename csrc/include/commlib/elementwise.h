@@ -118,4 +118,19 @@ COMMLIB_HD int64_t sample_position(int64_t j, int64_t n) {
   return static_cast<int64_t>(hash32(static_cast<uint32_t>(j) ^ 0x5bd1e995U) % static_cast<uint64_t>(n));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Error feedback (EF-SGD, Karimireddy et al. 2019, Alg. 2): the corrected value v = g + e and the
+// new residual e' = v - decompress(C(v)), each rounded to the gradient's dtype exactly as the
+// reference's tensor ops round them (float32 arithmetic, one rounding to T per operation).
+template <typename T>
+COMMLIB_HD T corrected_value(T grad, T residual) {
+  return static_cast<T>(static_cast<float>(grad) + static_cast<float>(residual));
+}
+
+// `hat` is the decompressed value in float32 before its cast to T (decompress returns T).
+template <typename T>
+COMMLIB_HD T residual_value(T corrected, float hat) {
+  return static_cast<T>(static_cast<float>(corrected) - static_cast<float>(static_cast<T>(hat)));
+}
+
 }  // namespace commlib

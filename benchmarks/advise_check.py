@@ -1,0 +1,163 @@
+"""The advisor's cost model against the emulated-cluster scaling study, and its table for common clusters.
+
+    python benchmarks/advise_check.py
+
+Inputs: ``benchmarks/results/scaling/n{nodes}_{bandwidth}.json``, written by ``throughput.py`` runs
+on 2 and 4 emulated nodes at 100 Mbit/s, 1 Gbit/s and 10 Gbit/s (see the README). Steps:
+
+1. the hooks' per-element costs are timed on this machine (:func:`commlib.advise.calibrate`, one
+   thread, the hooks' own code), uncontended, before anything else runs;
+2. three network constants are fitted on the **dense rows only**: the share of the shaped link a
+   gloo collective achieves, a host-side transfer cap (gloo's TCP copies run on the same two cores
+   as training) and the overlap of communication with compute;
+3. every compressed row is then predicted out of sample: compute time = the no-communication row
+   of the same run, payload = the hook's byte count of that row, hook time = calibrated cost x
+   parameters x (ranks per core when ranks outnumber cores).
+
+Writes ``benchmarks/results/advise_check.{json,md}`` (prediction error per point and overall) and
+``benchmarks/results/advise_table.md`` (the advisor's defaults for common cluster shapes).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from commlib import advise  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+# throughput.py rows -> advisor methods
+ROW_TO_METHOD = {
+    ("dense allreduce", "-"): "dense all-reduce",
+    ("commlib fp16", "-"): "fp16 cast",
+    ("commlib PowerSGD", "rank=4"): "PowerSGD rank 4",
+    ("commlib EF sign", "Sign(), collective=two_phase"): "EF sign, two-phase",
+    ("commlib EF top-k", "TopK(density=0.01)"): "EF top-k 1%",
+}
+LATENCY_US = 50.0  # TCP over veth, no added delay (the kernel has no sch_netem)
+
+
+def load_points() -> list[dict]:
+    points = []
+    for path in sorted((RESULTS / "scaling").glob("n*_*.json")):
+        data = json.loads(path.read_text())
+        meta, rows = data["meta"], data["rows"]
+        ceiling = next(r for r in rows if r["method"] == "no communication (ceiling)" and not r.get("crashed"))
+        dense = next(r for r in rows if r["method"] == "dense allreduce" and not r.get("crashed"))
+        for r in rows:
+            key = (r["method"], r["setting"])
+            if r.get("crashed") or key not in ROW_TO_METHOD:
+                continue
+            points.append({"nodes": meta["nodes"], "bandwidth": meta["bandwidth"],
+                           "gbit": advise_gbit(meta["bandwidth"]), "method": ROW_TO_METHOD[key],
+                           "step_seconds": r["step_seconds_median"], "payload_bytes": r["bytes_per_step"],
+                           "compute_seconds": ceiling["step_seconds_median"],
+                           "dense_step_seconds": dense["step_seconds_median"],
+                           "params": dense["bytes_per_step"] / 4})
+    return points
+
+
+def advise_gbit(text: str) -> float:
+    for unit, scale in (("gbit", 1.0), ("mbit", 1e-3)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    raise ValueError(text)
+
+
+def predict_point(p: dict, costs: dict, efficiency: float, transfer_gbps: float, overlap: float) -> float:
+    cores = os.cpu_count() or 1
+    cluster = advise.Cluster(p["nodes"], 1, p["gbit"], LATENCY_US, efficiency, transfer_gbps,
+                             hook_slowdown=max(1.0, p["nodes"] / cores))
+    method = next(m for m in advise.METHODS if m.name == p["method"])
+    return advise.predict(method, cluster, p["params"], p["compute_seconds"], overlap=overlap,
+                          seconds_per_element=costs.get(method.name, 0.0),
+                          payload_bytes=p["payload_bytes"]).step_seconds
+
+
+def fit(points: list[dict], costs: dict) -> tuple[float, float, float]:
+    """Least squares in log step time over the dense rows, on a grid."""
+    dense = [p for p in points if p["method"] == "dense all-reduce"]
+    best, best_err = None, math.inf
+    for eff, cap, ov in itertools.product([0.3 + 0.05 * i for i in range(15)],
+                                          [10 ** (-1.5 + 0.1 * i) for i in range(26)],
+                                          [0.1 * i for i in range(11)]):
+        err = sum((math.log(predict_point(p, costs, eff, cap, ov)) - math.log(p["step_seconds"])) ** 2
+                  for p in dense)
+        if err < best_err:
+            best, best_err = (eff, cap, ov), err
+    return best
+
+
+def common_clusters_table() -> str:
+    rows = ["| model | cluster | link | dense step | best method | its speedup | PowerSGD r4 | EF sign 2-phase "
+            "| EF top-k 1% | fp16 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for params in (1.3e9, 7e9):
+        for nodes, gbit in ((2, 10), (16, 25), (16, 100), (64, 100), (64, 400)):
+            cluster = advise.Cluster(nodes, 8, gbit)
+            compute = advise.compute_seconds_for(params, 8192, 400.0)
+            preds = {p.method: p for p in advise.advise(cluster, params, compute,
+                                                        hidden=advise.hidden_for(params))}
+            best = max(preds.values(), key=lambda p: p.speedup)
+            rows.append(f"| {params / 1e9:g}B | {nodes} x 8 GPUs | {gbit:g} Gbit/s "
+                        f"| {1e3 * preds['dense all-reduce'].step_seconds:,.0f} ms | {best.method} "
+                        f"| {best.speedup:.2f}x | {preds['PowerSGD rank 4'].speedup:.2f}x "
+                        f"| {preds['EF sign, two-phase'].speedup:.2f}x | {preds['EF top-k 1%'].speedup:.2f}x "
+                        f"| {preds['fp16 cast'].speedup:.2f}x |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    costs = advise.calibrate(threads=1)  # first, while nothing else runs
+    points = load_points()
+    if not points:
+        raise SystemExit("no scaling results: run the throughput.py scaling study first (README)")
+    efficiency, transfer_gbps, overlap = fit(points, costs)
+    out, errors = [], []
+    for p in points:
+        predicted = predict_point(p, costs, efficiency, transfer_gbps, overlap)
+        dense_pred = predict_point({**p, "method": "dense all-reduce", "payload_bytes": 4 * p["params"]}, costs,
+                                   efficiency, transfer_gbps, overlap)
+        measured_speedup = p["dense_step_seconds"] / p["step_seconds"]
+        predicted_speedup = dense_pred / predicted
+        error = predicted_speedup / measured_speedup - 1
+        if p["method"] != "dense all-reduce":
+            errors.append(abs(error))
+        out.append({**p, "predicted_step_seconds": predicted, "measured_speedup": measured_speedup,
+                    "predicted_speedup": predicted_speedup, "speedup_error": error})
+    lines = [f"Fitted on the {sum(p['method'] == 'dense all-reduce' for p in points)} dense rows: link efficiency "
+             f"{efficiency:.2f}, host transfer cap {transfer_gbps:.2f} GB/s, overlap {overlap:.1f}. Hook costs "
+             "timed here (ns/element, 1 thread): "
+             + ", ".join(f"{k} {1e9 * v:.2f}" for k, v in costs.items()) + ".", "",
+             "| nodes | link | method | measured step | predicted step | measured speedup | predicted speedup "
+             "| error |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(out, key=lambda r: (r["nodes"], advise_gbit(r["bandwidth"]), r["method"])):
+        lines.append(f"| {r['nodes']} | {r['bandwidth']} | {r['method']} | {1e3 * r['step_seconds']:.0f} ms "
+                     f"| {1e3 * r['predicted_step_seconds']:.0f} ms | {r['measured_speedup']:.2f}x "
+                     f"| {r['predicted_speedup']:.2f}x | {100 * r['speedup_error']:+.0f}% |")
+    summary = (f"Compressed methods, out of sample: {len(errors)} points, median |error| "
+               f"{100 * statistics.median(errors):.0f}%, mean {100 * statistics.mean(errors):.0f}%, "
+               f"max {100 * max(errors):.0f}%, within 20%: {sum(e <= 0.2 for e in errors)}/{len(errors)}.")
+    lines += ["", summary]
+    report = "\n".join(lines)
+    print(report)
+    (RESULTS / "advise_check.md").write_text(report + "\n")
+    (RESULTS / "advise_check.json").write_text(json.dumps(
+        {"efficiency": efficiency, "transfer_gbps": transfer_gbps, "overlap": overlap, "latency_us": LATENCY_US,
+         "costs_seconds_per_element": costs, "points": out}, indent=1))
+    table = common_clusters_table()
+    print("\n" + table)
+    (RESULTS / "advise_table.md").write_text(
+        "Advisor defaults (no calibration): 8192 tokens per GPU per step at 400 TFLOP/s, fp32 gradients, "
+        "hook costs from memory traffic at 2000 GB/s, 90% link efficiency, overlap 0.5.\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

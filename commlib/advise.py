@@ -1,0 +1,378 @@
+"""When does gradient compression pay off? A cost model of one data-parallel step, per method.
+
+    python -m commlib.advise --params 1.3e9 --nodes 16 --gpus-per-node 8 --gbit 25
+    python -m commlib.advise --params 1.3e9 --nodes 16 --gpus-per-node 8 --gbit 25 --calibrate
+
+The model (alpha-beta network cost, Hockney 1994, with overlap of communication and backward)::
+
+    T(method) = T_compute + T_hook + max(0, T_comm - overlap * T_compute)
+    T_comm    = messages * alpha + egress_bytes / bandwidth
+
+* ``T_compute``: forward + backward + optimizer of one step without communication (``--step-ms``,
+  or ``6 * params * tokens / (tflops * 1e12)``);
+* ``T_hook``: the method's own work on the gradient, ``seconds_per_element * params``. Either the
+  memory traffic of its fused path (:attr:`Method.bytes_per_element`) over ``--mem-gbps``, or, with
+  ``--calibrate``, the real hook code timed on this machine's device (:func:`calibrate`);
+* ``egress_bytes``: what one node's NIC sends per step for the method's collective pattern
+  (:func:`node_egress_bytes`; intra-node traffic is taken as free: NVLink-class links);
+* ``overlap``: the fraction of ``T_compute`` that communication can hide behind (DDP overlaps its
+  buckets with backward, roughly two thirds of compute, less the first bucket's wait).
+
+Speedups are ``T(dense) / T(method)``. ``benchmarks/advise_check.py`` fits the network efficiency and
+the overlap on the dense rows of the emulated-cluster study and checks the predictions for every
+compressed method against the measured speedups (``benchmarks/results/advise_check.md``).
+
+The warning of Agarwal et al. (MLSys 2022, "On the utility of gradient compression in distributed
+training systems") is printed where it applies: when dense all-reduce already hides behind
+compute, compression only adds work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
+AGARWAL = ("Agarwal et al., MLSys 2022: on fast networks dense all-reduce largely hides behind backward, "
+           "and compression only adds its own compute")
+
+
+@dataclass
+class Cluster:
+    """Nodes of ``gpus_per_node`` ranks joined by ``gbit`` Gbit/s per node; ``latency_us`` per message.
+
+    ``efficiency``: the share of the nominal bandwidth a collective achieves. ``transfer_gbps``: a
+    host-side cap on transfers in GB/s (CPU copies of a TCP backend; inf for GPUs with RDMA).
+    ``hook_slowdown``: how much slower the hook runs than when calibrated (ranks sharing cores).
+    """
+
+    nodes: int
+    gpus_per_node: int = 1
+    gbit: float = 25.0
+    latency_us: float = 10.0
+    efficiency: float = 0.9
+    transfer_gbps: float = math.inf
+    hook_slowdown: float = 1.0
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def seconds_for(self, egress_bytes: float, messages: int) -> float:
+        beta = 1.0 / (self.gbit * 1e9 / 8 * self.efficiency) + 1.0 / (self.transfer_gbps * 1e9)
+        return messages * self.latency_us * 1e-6 + egress_bytes * beta
+
+
+@dataclass
+class Method:
+    """One way to reduce the gradients: its payload, collective pattern and own work.
+
+    ``payload(params, grad_bytes, hidden)`` -> bytes one rank contributes per step. ``pattern``:
+    ``"allreduce"`` (summable), ``"two_phase"`` (all-to-all of compressed chunks, all-gather of the
+    recompressed means, as 1-bit Adam) or ``"allgather"``. ``rounds``: collectives per bucket.
+    ``bytes_per_element``: memory traffic of the hook per gradient element, counted from its fused
+    kernels (the default hook cost when not calibrated).
+    """
+
+    name: str
+    pattern: str
+    payload: object
+    rounds: int
+    bytes_per_element: float
+    hook: str = ""  # the hooks.make(...) call it stands for, shown to the user
+    options: dict = field(default_factory=dict)
+
+
+def _powersgd_payload(rank: int):
+    def payload(params, grad_bytes, hidden):  # matrices of (hidden, 4 hidden): P and Q of rank r
+        return params * grad_bytes * rank * (hidden + 4 * hidden) / (4 * hidden * hidden)
+    return payload
+
+
+METHODS = [
+    Method("dense all-reduce", "allreduce", lambda p, b, h: p * b, 1, 0.0, "DDP's default"),
+    Method("fp16 cast", "allreduce", lambda p, b, h: p * min(b, 2), 1, 12.0, 'hooks.make("fp16")'),
+    Method("PowerSGD rank 1", "allreduce", _powersgd_payload(1), 2, 28.0, 'hooks.make("powersgd", rank=1)',
+           {"rank": 1}),
+    Method("PowerSGD rank 4", "allreduce", _powersgd_payload(4), 2, 28.0, 'hooks.make("powersgd", rank=4)',
+           {"rank": 4}),
+    Method("EF sign, two-phase", "two_phase", lambda p, b, h: p / 8, 2, 48.0,
+           'hooks.make("ef", compressor=Sign(), collective="two_phase")'),
+    Method("EF QSGD 4-bit, two-phase", "two_phase", lambda p, b, h: p / 2 + 4 * p / 512, 2, 48.0,
+           'hooks.make("ef", compressor=QSGD(bits=4), collective="two_phase")'),
+    Method("EF top-k 1%", "allgather", lambda p, b, h: 0.01 * p * (b + 4), 1, 56.0,
+           'hooks.make("ef", compressor=TopK(0.01))'),
+]
+
+
+def node_egress_bytes(pattern: str, payload: float, nodes: int, gpus_per_node: int) -> float:
+    """Bytes one node's NIC sends per step when each of its ranks contributes ``payload`` bytes.
+
+    * allreduce: hierarchical (reduce inside the node first), then a ring over nodes:
+      ``2 (N - 1) / N * payload``;
+    * two_phase: every rank sends the chunks meant for the other nodes' ranks (``G payload (W - G) / W``
+      leave the node), then the 1/W recompressed chunks go round a ring all-gather (``(W - 1) / W *
+      payload``); with one rank per node this is ``2 (N - 1) / N * payload``;
+    * allgather: a ring over all W ranks carries every other rank's payload across each link:
+      ``(W - 1) * payload``.
+    """
+    world = nodes * gpus_per_node
+    if nodes <= 1:
+        return 0.0
+    if pattern == "allreduce":
+        return 2 * (nodes - 1) / nodes * payload
+    if pattern == "two_phase":
+        return gpus_per_node * payload * (world - gpus_per_node) / world + payload * (world - 1) / world
+    if pattern == "allgather":
+        return (world - 1) * payload
+    raise ValueError(f"pattern must be allreduce, two_phase or allgather, got {pattern!r}")
+
+
+def messages_per_step(pattern: str, rounds: int, buckets: int, nodes: int, world: int) -> int:
+    """Latency-bound hops per step: a ring all-reduce over nodes takes 2 (N - 1) of them per call."""
+    if nodes <= 1:
+        return 0
+    hops = {"allreduce": 2 * (nodes - 1), "two_phase": 2 * (world - 1), "allgather": world - 1}[pattern]
+    return rounds * buckets * hops
+
+
+@dataclass
+class Prediction:
+    method: str
+    step_seconds: float
+    compute_seconds: float
+    hook_seconds: float
+    comm_seconds: float
+    exposed_comm_seconds: float
+    payload_bytes: float
+    speedup: float = 1.0
+
+
+def predict(method: Method, cluster: Cluster, params: float, compute_seconds: float, *, grad_bytes: int = 4,
+            hidden: int = 2048, overlap: float = 0.5, seconds_per_element: float | None = None,
+            mem_gbps: float = 2000.0, payload_bytes: float | None = None) -> Prediction:
+    """One method's step time on ``cluster`` (see the module docstring). ``payload_bytes``
+    overrides the formula (e.g. a measured per-step count)."""
+    payload = method.payload(params, grad_bytes, hidden) if payload_bytes is None else payload_bytes
+    buckets = max(1, math.ceil(params * grad_bytes / BUCKET_BYTES))
+    egress = node_egress_bytes(method.pattern, payload, cluster.nodes, cluster.gpus_per_node)
+    comm = cluster.seconds_for(egress, messages_per_step(method.pattern, method.rounds, buckets, cluster.nodes,
+                                                         cluster.world))
+    per_element = (method.bytes_per_element / (mem_gbps * 1e9) if seconds_per_element is None
+                   else seconds_per_element)
+    hook = per_element * params * cluster.hook_slowdown
+    exposed = max(0.0, comm - overlap * compute_seconds)
+    return Prediction(method.name, compute_seconds + hook + exposed, compute_seconds, hook, comm, exposed, payload)
+
+
+def advise(cluster: Cluster, params: float, compute_seconds: float, *, methods=None, costs: dict | None = None,
+           **kwargs) -> list[Prediction]:
+    """Predictions for ``methods`` (default :data:`METHODS`), speedups against dense all-reduce."""
+    methods = METHODS if methods is None else methods
+    out = [predict(m, cluster, params, compute_seconds, seconds_per_element=(costs or {}).get(m.name), **kwargs)
+           for m in methods]
+    dense = next(p for p in out if p.method == METHODS[0].name) if any(
+        p.method == METHODS[0].name for p in out) else predict(METHODS[0], cluster, params, compute_seconds, **kwargs)
+    for p in out:
+        p.speedup = dense.step_seconds / p.step_seconds
+    return out
+
+
+# ------------------------------------------------------------------ calibration on this machine
+class LoopbackComm:
+    """A stand-in for :class:`commlib.comm.queue.Comm` in which all ``world_size`` ranks hold this
+    rank's data: every collective returns what it would with identical ranks, so a hook does all
+    of its per-rank compute (decompressing every rank's payload) without a network."""
+
+    def __init__(self, world_size: int):
+        self.world_size, self.rank, self.bytes_sent = world_size, 0, 0
+
+    def all_reduce(self, tensor):
+        return tensor.mul_(self.world_size)
+
+    def all_gather(self, tensor):
+        return [tensor.clone() for _ in range(self.world_size)]
+
+    def all_to_all(self, flat):
+        per_rank = flat.numel() // self.world_size
+        return flat[:per_rank].repeat(self.world_size)
+
+
+def _hook_job(method: Method, numel: int, world: int, device):
+    """A callable running ``method``'s hook code once on a gradient of ``numel`` elements."""
+    from commlib import compress
+    from commlib.hooks.allreduce import CastState
+    from commlib.hooks.ef import ErrorFeedbackState
+    from commlib.hooks.powersgd import PowerSGDState
+    from commlib.hooks.state import ParamView
+
+    cols = max(1, int(math.sqrt(numel / 4)))
+    grad_shape = (numel // (4 * cols), 4 * cols) if numel >= 4 else (numel, 1)
+    gen = torch.Generator().manual_seed(0)
+    source = torch.randn(grad_shape, generator=gen).to(device)
+    grad = source.clone()
+    comm = LoopbackComm(world)
+    if method.pattern == "allreduce" and method.name.startswith("PowerSGD"):
+        state = PowerSGDState(rank=method.options["rank"], start_iter=2)
+        view = ParamView("w", grad, 0)
+        step = [2]
+
+        def run():
+            grad.copy_(source)
+            step[0] += 1
+            state.reduce(comm, [view], [view], [], step[0])
+        return run
+    if method.name.startswith("fp16"):
+        state = CastState(dtype=torch.float16)
+        job = state.compressed_job(grad.view(-1), [], 2, 0)
+        return lambda: (grad.copy_(source), job(comm))
+    compressor = {"two_phase": compress.Sign() if "sign" in method.name else compress.QSGD(bits=4),
+                  "allgather": compress.TopK(0.01)}[method.pattern]
+    collective = "two_phase" if method.pattern == "two_phase" else "allgather"
+    state = ErrorFeedbackState(compressor=compressor, collective=collective)
+    view = ParamView("w", grad, 0)
+    step = [2]
+
+    def run():
+        grad.copy_(source)
+        step[0] += 1
+        state.reduce_compressed(comm, [view], step[0])
+    return run
+
+
+def calibrate(methods=None, *, numel: int = 1 << 22, world: int = 2, repeats: int = 5, device=None,
+              threads: int | None = None) -> dict[str, float]:
+    """Seconds per gradient element of each method's hook, timed on this machine: the real hook
+    code (fused kernels included) on one ``numel``-element matrix, in a world of ``world``
+    identical ranks (:class:`LoopbackComm`), median of ``repeats`` after one warm-up. The copy
+    that restores the gradient each repeat is timed alone and subtracted."""
+    methods = [m for m in (METHODS if methods is None else methods) if m.bytes_per_element > 0]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        def median_seconds(fn) -> float:
+            fn()
+            times = []
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+            return sorted(times)[len(times) // 2]
+
+        a = torch.empty(numel, device=device)
+        b = torch.empty(numel, device=device)
+        restore = median_seconds(lambda: a.copy_(b))
+        costs = {}
+        for m in methods:
+            job = _hook_job(m, numel, world, device)
+            costs[m.name] = max(0.0, median_seconds(job) - restore) / numel
+        return costs
+    finally:
+        torch.set_num_threads(previous)
+
+
+def compute_seconds_for(params: float, tokens: float, tflops: float) -> float:
+    """Forward + backward of a transformer step: ``6 * params * tokens`` FLOPs at ``tflops``."""
+    return 6 * params * tokens / (tflops * 1e12)
+
+
+def hidden_for(params: float) -> int:
+    """A GPT-like width for ``params`` (12 L d^2 parameters with depth L ~ d / 85: 2048 at 1.3B)."""
+    return int(round((params / 12 * 85) ** (1 / 3) / 64) * 64) or 64
+
+
+def report(predictions: list[Prediction], cluster: Cluster, params: float, assumptions: list[str]) -> str:
+    lines = [f"{params / 1e9:.2f}B parameters on {cluster.nodes} nodes x {cluster.gpus_per_node} GPUs, "
+             f"{cluster.gbit:g} Gbit/s per node", ""]
+    lines.append(f"{'method':<26} {'speedup':>8} {'step ms':>9} {'hook ms':>8} {'comm ms':>9} {'exposed':>8} "
+                 f"{'MB sent/rank':>12}")
+    for p in predictions:
+        lines.append(f"{p.method:<26} {p.speedup:>7.2f}x {1e3 * p.step_seconds:>9.1f} {1e3 * p.hook_seconds:>8.1f} "
+                     f"{1e3 * p.comm_seconds:>9.1f} {1e3 * p.exposed_comm_seconds:>8.1f} {p.payload_bytes / 1e6:>12.2f}")
+    dense = predictions[0]
+    best = max(predictions, key=lambda p: p.speedup)
+    lines.append("")
+    if best.speedup < 1.1:
+        lines.append(f"Compression does not pay here (best: {best.method}, {best.speedup:.2f}x). "
+                     f"Dense all-reduce exposes {1e3 * dense.exposed_comm_seconds:.1f} ms of "
+                     f"{1e3 * dense.step_seconds:.1f} ms. {AGARWAL}.")
+    else:
+        lines.append(f"Best: {best.method} at {best.speedup:.2f}x; dense all-reduce exposes "
+                     f"{1e3 * dense.exposed_comm_seconds:.1f} ms of communication per step.")
+        if dense.exposed_comm_seconds < 0.1 * dense.step_seconds:
+            lines.append(f"Warning: the gain is small next to the step. {AGARWAL}.")
+    lines.append("")
+    lines.append("Assumptions:")
+    lines.extend(f"  - {a}" for a in assumptions)
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m commlib.advise", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=float, required=True, help="model parameters, e.g. 1.3e9")
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gbit", type=float, required=True, help="inter-node bandwidth per node, Gbit/s")
+    parser.add_argument("--latency-us", type=float, default=10.0)
+    parser.add_argument("--efficiency", type=float, default=0.9, help="share of the link a collective achieves")
+    parser.add_argument("--step-ms", type=float, help="compute time of one step without communication")
+    parser.add_argument("--tokens", type=float, default=8192, help="tokens per GPU per step (if no --step-ms)")
+    parser.add_argument("--tflops", type=float, default=400.0, help="achieved TFLOP/s per GPU (if no --step-ms)")
+    parser.add_argument("--grad-bytes", type=int, default=4, choices=[2, 4], help="bytes per gradient element")
+    parser.add_argument("--hidden", type=int, help="model width (default: a GPT-like width for --params)")
+    parser.add_argument("--overlap", type=float, default=0.5, help="share of compute that hides communication")
+    parser.add_argument("--mem-gbps", type=float, default=2000.0, help="device memory bandwidth, GB/s")
+    parser.add_argument("--calibrate", action="store_true", help="time each hook on this machine (a few seconds)")
+    args = parser.parse_args(argv)
+    for name in ("params", "nodes", "gpus_per_node", "gbit", "tokens", "tflops", "mem_gbps"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0")
+    if not 0.0 <= args.overlap <= 1.0:
+        parser.error("--overlap must be in [0, 1]")
+    if not 0.0 < args.efficiency <= 1.0:
+        parser.error("--efficiency must be in (0, 1]")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cluster = Cluster(args.nodes, args.gpus_per_node, args.gbit, args.latency_us, args.efficiency)
+    hidden = args.hidden or hidden_for(args.params)
+    compute = (args.step_ms / 1e3 if args.step_ms is not None
+               else compute_seconds_for(args.params, args.tokens, args.tflops))
+    assumptions = [
+        f"compute per step {1e3 * compute:.1f} ms "
+        + ("(--step-ms)" if args.step_ms is not None else
+           f"(6 x params x {args.tokens:g} tokens at {args.tflops:g} TFLOP/s)"),
+        f"gradients of {args.grad_bytes} bytes, DDP buckets of 25 MB; matrices of ({hidden}, {4 * hidden})",
+        f"links at {100 * args.efficiency:.0f}% of {args.gbit:g} Gbit/s, {args.latency_us:g} us per message; "
+        "intra-node traffic free (NVLink-class), all-reduce hierarchical",
+        f"communication hides behind {100 * args.overlap:.0f}% of compute",
+    ]
+    costs = None
+    if args.calibrate:
+        started = time.perf_counter()
+        costs = calibrate()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        assumptions.append(f"hook costs timed on this machine's {device} in {time.perf_counter() - started:.1f} s: "
+                           + ", ".join(f"{k} {1e9 * v:.2f} ns/element" for k, v in costs.items()))
+    else:
+        assumptions.append(f"hook costs = memory traffic of the fused path / {args.mem_gbps:g} GB/s "
+                           "(pass --calibrate to time them on this machine)")
+    predictions = advise(cluster, args.params, compute, costs=costs, grad_bytes=args.grad_bytes, hidden=hidden,
+                         overlap=args.overlap, mem_gbps=args.mem_gbps)
+    print(report(predictions, cluster, args.params, assumptions))
+
+
+if __name__ == "__main__":
+    main()
