@@ -51,7 +51,7 @@ def _ef(compressor: str, collective: str = "auto"):
 
 # every other compressing hook, timed the same way (hook cost = step - step without DDP)
 OTHER_HOOKS = {
-    "commlib-fp16": ("fp16", dict),
+    "fp16 (commlib)": ("fp16", dict),
     "ef-sign-two-phase": ("ef", _ef("Sign()", "two_phase")),
     "ef-qsgd4-two-phase": ("ef", _ef("QSGD(bits=4)", "two_phase")),
     "ef-topk-1%": ("ef", _ef("TopK(0.01)")),

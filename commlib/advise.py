@@ -73,7 +73,8 @@ class Method:
 
     ``payload(params, grad_bytes, hidden)`` -> bytes one rank contributes per step. ``pattern``:
     ``"allreduce"`` (summable), ``"two_phase"`` (all-to-all of compressed chunks, all-gather of the
-    recompressed means, as 1-bit Adam) or ``"allgather"``. ``rounds``: collectives per bucket.
+    recompressed means, as 1-bit Adam) or ``"allgather"``. ``rounds``: collectives per bucket (per
+    step when ``per_step``).
     ``bytes_per_element``: memory traffic of the hook per gradient element, counted from its fused
     kernels (the default hook cost when not calibrated).
     """
@@ -85,6 +86,7 @@ class Method:
     bytes_per_element: float
     hook: str = ""  # the hooks.make(...) call it stands for, shown to the user
     options: dict = field(default_factory=dict)
+    per_step: bool = False  # rounds per step rather than per bucket (PowerSGD's one_round_per_step)
 
 
 def _powersgd_payload(rank: int):
@@ -97,9 +99,9 @@ METHODS = [
     Method("dense all-reduce", "allreduce", lambda p, b, h: p * b, 1, 0.0, "DDP's default"),
     Method("fp16 cast", "allreduce", lambda p, b, h: p * min(b, 2), 1, 12.0, 'hooks.make("fp16")'),
     Method("PowerSGD rank 1", "allreduce", _powersgd_payload(1), 2, 28.0, 'hooks.make("powersgd", rank=1)',
-           {"rank": 1}),
+           {"rank": 1}, per_step=True),
     Method("PowerSGD rank 4", "allreduce", _powersgd_payload(4), 2, 28.0, 'hooks.make("powersgd", rank=4)',
-           {"rank": 4}),
+           {"rank": 4}, per_step=True),
     Method("EF sign, two-phase", "two_phase", lambda p, b, h: p / 8, 2, 48.0,
            'hooks.make("ef", compressor=Sign(), collective="two_phase")'),
     Method("EF QSGD 4-bit, two-phase", "two_phase", lambda p, b, h: p / 2 + 4 * p / 512, 2, 48.0,
@@ -160,7 +162,8 @@ def predict(method: Method, cluster: Cluster, params: float, compute_seconds: fl
     payload = method.payload(params, grad_bytes, hidden) if payload_bytes is None else payload_bytes
     buckets = max(1, math.ceil(params * grad_bytes / BUCKET_BYTES))
     egress = node_egress_bytes(method.pattern, payload, cluster.nodes, cluster.gpus_per_node)
-    comm = cluster.seconds_for(egress, messages_per_step(method.pattern, method.rounds, buckets, cluster.nodes,
+    comm = cluster.seconds_for(egress, messages_per_step(method.pattern, method.rounds,
+                                                         1 if method.per_step else buckets, cluster.nodes,
                                                          cluster.world))
     per_element = (method.bytes_per_element / (mem_gbps * 1e9) if seconds_per_element is None
                    else seconds_per_element)
