@@ -221,12 +221,17 @@ def test_compressors_contract_by_at_least_their_alpha(compressor):
     alpha = hooks.compressor_alpha(compressor, d)
     assert 0 < alpha <= 1
     gen = torch.Generator().manual_seed(0)
-    errors, norms = 0.0, 0.0
-    for seed in range(40):  # E||C(x) - x||^2 <= (1 - alpha) ||x||^2, averaged over the randomness
+    excess = []  # ||C(x) - x||^2 - (1 - alpha) ||x||^2: <= 0 in expectation over the compressor's randomness
+    for seed in range(40):
         x = torch.randn(d, generator=gen) * torch.rand(d, generator=gen) ** 3
-        errors += float((compressor.decompress(compressor.compress(x, seed=seed)) - x).pow(2).sum())
-        norms += float(x.pow(2).sum())
-    assert errors <= (1 - alpha) * norms * (1 + 1e-6) + 1e-9
+        error = float((compressor.decompress(compressor.compress(x, seed=seed)) - x).pow(2).sum())
+        excess.append(error - (1 - alpha) * float(x.pow(2).sum()) * (1 + 1e-6) - 1e-9)
+    excess = torch.tensor(excess, dtype=torch.float64)
+    # random-k meets the bound with equality in expectation: allow 4 standard errors of the sample
+    # mean (deterministic compressors meet it on every sample, where this slack is not needed)
+    assert float(excess.mean()) <= 4 * float(excess.std()) / len(excess) ** 0.5
+    if compressor.name not in ("randomk", "qsgd"):
+        assert float(excess.max()) <= 0
 
 
 def test_compressor_alpha_refuses_non_contractive_ones():
