@@ -252,7 +252,19 @@ def ef_gather(grad, residual, indices):
 
 # --------------------------------------------------------------------------------------------
 # PowerSGD (Vogels et al. 2019, Alg. 1): M = G + E, P = M Q; later hat = P Q^T, E' = M - hat.
+def _check_powersgd(op: str, m: torch.Tensor, q: torch.Tensor) -> None:
+    if m.dtype != torch.float32 or q.dtype != torch.float32:
+        raise RuntimeError(f"commlib::{op}: expected float32 tensors")
+    if m.dim() != 2 or q.dim() != 2 or q.shape[0] != m.shape[1]:
+        raise RuntimeError(f"commlib::{op}: shapes {tuple(m.shape)} and {tuple(q.shape)} do not chain "
+                           "(M is rows x cols, Q is cols x r)")
+
+
 def powersgd_project(grad, residual, q, m):
+    _check_powersgd("powersgd_project", grad, q)
+    for name, t in (("m", m), ("residual", residual)):
+        if t is not None and (t.shape != grad.shape or t.dtype != torch.float32):
+            raise RuntimeError(f"commlib::powersgd_project: {name} must be a float32 matrix shaped like grad")
     if residual is None:
         m.copy_(grad)
     else:
@@ -261,6 +273,11 @@ def powersgd_project(grad, residual, q, m):
 
 
 def powersgd_backproject_(m, p, q, out) -> None:
+    _check_powersgd("powersgd_backproject_", m, q)
+    if p.dtype != torch.float32 or p.shape != (m.shape[0], q.shape[1]):
+        raise RuntimeError(f"commlib::powersgd_backproject_: p must be float32 of shape ({m.shape[0]}, {q.shape[1]})")
+    if out.shape != m.shape or out.dtype != torch.float32:
+        raise RuntimeError("commlib::powersgd_backproject_: out must be a float32 matrix shaped like m")
     torch.mm(p, q.t(), out=out)
     m.sub_(out)
 

@@ -14,7 +14,7 @@ from commlib import ops
 from commlib.ops import _reference as ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-SIZES = [1, 31, 33, 1000, 300_007]
+SIZES = [1, 31, 33, 1000, 70_001]
 
 
 def pair(n, dtype, seed=0):
@@ -217,7 +217,7 @@ def test_powersgd_opcheck():
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("payload_dtype", DTYPES)
 @pytest.mark.parametrize("accumulate", [True, False])
-@pytest.mark.parametrize("n,numel", [(1, 1), (1000, 1000), (1000, 1088), (33, 64), (300_007, 300_007)])
+@pytest.mark.parametrize("n,numel", [(1, 1), (1000, 1000), (1000, 1088), (33, 64), (70_001, 70_001)])
 def test_unpack_into_parity(out_dtype, payload_dtype, accumulate, n, numel):
     """out <- (out +) decompress(payload)[:n], rounded as out.add_(x.to(out.dtype)) rounds it."""
     x = pair(numel, payload_dtype, 8)[0]
