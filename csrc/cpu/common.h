@@ -114,4 +114,14 @@ void dispatch_float_pair(at::ScalarType out_type, at::ScalarType payload_type, c
   dispatch_floats(out_type, op, [&](auto o) { dispatch_floats(payload_type, op, [&](auto p) { f(o, p); }); });
 }
 
+// e_j <- (g_j + e_j) - hat_j (or g_j - hat_j), branch-free inner loops that vectorize for float32.
+template <typename scalar_t>
+inline void residual_block(const scalar_t* g, scalar_t* e, const float* hat, int64_t count, bool accumulate) {
+  if (accumulate) {
+    for (int64_t j = 0; j < count; ++j) e[j] = residual_value(corrected_value(g[j], e[j]), hat[j]);
+  } else {
+    for (int64_t j = 0; j < count; ++j) e[j] = residual_value(g[j], hat[j]);
+  }
+}
+
 }  // namespace commlib

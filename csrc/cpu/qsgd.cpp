@@ -278,6 +278,30 @@ std::tuple<at::Tensor, at::Tensor> ef_qsgd_quantize_cpu(const at::Tensor& grad,
   return {codes, scales};
 }
 
+// The dequantized values of elements [0, n) of a QSGD payload, block by block inside each bucket
+// (buckets in parallel): fn(first, hat, len) gets float32 values bit-identical to qsgd_dequantize's.
+template <typename Fn>
+void for_each_dequantized_block(const uint8_t* code_ptr, const float* scale_ptr, int64_t bits, int64_t bucket_size,
+                                int64_t n, Fn&& fn) {
+  const uint32_t levels = (1u << bits) - 1u;
+  const float inv_levels = 1.0f / static_cast<float>(levels);
+  const int64_t used_buckets = (n + bucket_size - 1) / bucket_size;
+#pragma omp parallel for schedule(static) num_threads(kernel_threads())
+  for (int64_t bucket = 0; bucket < used_buckets; ++bucket) {
+    alignas(64) uint8_t block[kBlock];
+    alignas(64) float hat[kBlock];
+    const int64_t begin = bucket * bucket_size;
+    const int64_t count = std::min(bucket_size, n - begin);
+    for (int64_t b = 0; b < count; b += kBlock) {
+      const int64_t len = std::min(kBlock, count - b);
+      const int64_t first = begin + b;
+      unpack_codes(code_ptr + first / 8 * bits, len, static_cast<int>(bits), block);
+      block_values(block, len, scale_ptr[bucket], inv_levels, levels, hat);
+      fn(first, hat, len);
+    }
+  }
+}
+
 // Fused error feedback, pass 2: e <- (g + e) - dequantize(codes, scales) in place.
 void ef_qsgd_residual_cpu(const at::Tensor& residual, const at::Tensor& grad, const at::Tensor& codes_in,
                           const at::Tensor& scales_in, int64_t bits, int64_t bucket_size, int64_t numel,
@@ -295,31 +319,15 @@ void ef_qsgd_residual_cpu(const at::Tensor& residual, const at::Tensor& grad, co
   const at::Tensor scales = scales_in.contiguous();
   const uint8_t* code_ptr = codes.data_ptr<uint8_t>();
   const float* scale_ptr = scales.data_ptr<float>();
-  const uint32_t levels = (1u << bits) - 1u;
-  const float inv_levels = 1.0f / static_cast<float>(levels);
   const int64_t n = grad.numel();
-  const int64_t used_buckets = (n + bucket_size - 1) / bucket_size;
   dispatch_floats(grad.scalar_type(), "ef_qsgd_residual_", [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* e = residual.data_ptr<scalar_t>();
-#pragma omp parallel for schedule(static) num_threads(kernel_threads())
-    for (int64_t bucket = 0; bucket < used_buckets; ++bucket) {
-      alignas(64) uint8_t block[kBlock];
-      alignas(64) float hat[kBlock];
-      const int64_t begin = bucket * bucket_size;
-      const int64_t count = std::min(bucket_size, n - begin);
-      for (int64_t b = 0; b < count; b += kBlock) {
-        const int64_t len = std::min(kBlock, count - b);
-        const int64_t first = begin + b;
-        unpack_codes(code_ptr + first / 8 * bits, len, static_cast<int>(bits), block);
-        block_values(block, len, scale_ptr[bucket], inv_levels, levels, hat);
-        for (int64_t j = 0; j < len; ++j) {
-          const scalar_t v = accumulate ? corrected_value(g[first + j], e[first + j]) : g[first + j];
-          e[first + j] = residual_value(v, hat[j]);
-        }
-      }
-    }
+    for_each_dequantized_block(code_ptr, scale_ptr, bits, bucket_size, n,
+                               [&](int64_t first, const float* hat, int64_t len) {
+                                 residual_block(g + first, e + first, hat, len, accumulate);
+                               });
   });
 }
 
@@ -342,28 +350,15 @@ void qsgd_dequantize_into_cpu(const at::Tensor& out, const at::Tensor& codes_in,
   const at::Tensor scales = scales_in.contiguous();
   const uint8_t* code_ptr = codes.data_ptr<uint8_t>();
   const float* scale_ptr = scales.data_ptr<float>();
-  const uint32_t levels = (1u << bits) - 1u;
-  const float inv_levels = 1.0f / static_cast<float>(levels);
   const int64_t n = out.numel();
-  const int64_t used_buckets = (n + bucket_size - 1) / bucket_size;
   dispatch_float_pair(out.scalar_type(), dtype, "qsgd_dequantize_into_", [&](auto out_tag, auto payload_tag) {
     using O = decltype(out_tag);
     using P = decltype(payload_tag);
     O* o = out.data_ptr<O>();
-#pragma omp parallel for schedule(static) num_threads(kernel_threads())
-    for (int64_t bucket = 0; bucket < used_buckets; ++bucket) {
-      alignas(64) uint8_t block[kBlock];
-      alignas(64) float hat[kBlock];
-      const int64_t begin = bucket * bucket_size;
-      const int64_t count = std::min(bucket_size, n - begin);
-      for (int64_t b = 0; b < count; b += kBlock) {
-        const int64_t len = std::min(kBlock, count - b);
-        const int64_t first = begin + b;
-        unpack_codes(code_ptr + first / 8 * bits, len, static_cast<int>(bits), block);
-        block_values(block, len, scale_ptr[bucket], inv_levels, levels, hat);
-        store_decompressed<O, P>(hat, len, accumulate, o + first);
-      }
-    }
+    for_each_dequantized_block(code_ptr, scale_ptr, bits, bucket_size, n,
+                               [&](int64_t first, const float* hat, int64_t len) {
+                                 store_decompressed<O, P>(hat, len, accumulate, o + first);
+                               });
   });
 }
 

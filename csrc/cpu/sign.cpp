@@ -204,13 +204,27 @@ std::tuple<at::Tensor, at::Tensor> ef_sign_pack_cpu(const at::Tensor& grad, cons
   return {packed, scales};
 }
 
-// e_j <- (g_j + e_j) - hat_j (or g_j - hat_j), branch-free inner loops that vectorize for float32.
-template <typename scalar_t>
-inline void residual_block(const scalar_t* g, scalar_t* e, const float* hat, int64_t count, bool accumulate) {
-  if (accumulate) {
-    for (int64_t j = 0; j < count; ++j) e[j] = residual_value(corrected_value(g[j], e[j]), hat[j]);
-  } else {
-    for (int64_t j = 0; j < count; ++j) e[j] = residual_value(g[j], hat[j]);
+// The decompressed values +-scale of elements [0, n) of a sign payload, in blocks of up to
+// kWordsPerTask words (in parallel): fn(first, hat, count) gets float32 values bit-identical to
+// sign_unpack's. A word never straddles two chunks (chunk is a multiple of 32, or the whole tensor).
+template <typename Fn>
+void for_each_unpacked_block(const uint32_t* words, const float* scale_in, int64_t chunk, int64_t n, Fn&& fn) {
+  constexpr int64_t kWordsPerTask = 64;
+  const int64_t n_words = words_for(n);
+  const int64_t tasks = (n_words + kWordsPerTask - 1) / kWordsPerTask;
+#pragma omp parallel for schedule(static) num_threads(kernel_threads())
+  for (int64_t task = 0; task < tasks; ++task) {
+    alignas(64) float hat[kWordsPerTask * 32];
+    const int64_t w_begin = task * kWordsPerTask;
+    const int64_t w_end = std::min(n_words, w_begin + kWordsPerTask);
+    for (int64_t w = w_begin; w < w_end; ++w) {
+      const float s = scale_in[w * 32 / chunk];
+      uint32_t scale_bits;
+      std::memcpy(&scale_bits, &s, sizeof(scale_bits));
+      unpack_words_f32(words + w, 1, scale_bits, reinterpret_cast<uint32_t*>(hat + (w - w_begin) * 32));
+    }
+    const int64_t first = w_begin * 32;
+    fn(first, hat, std::min(n, w_end * 32) - first);
   }
 }
 
@@ -237,19 +251,9 @@ void ef_sign_residual_cpu(const at::Tensor& residual, const at::Tensor& grad, co
     using scalar_t = decltype(tag);
     const scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* e = residual.data_ptr<scalar_t>();
-    // a word never straddles two chunks (chunk is a multiple of 32, or the whole tensor)
-    const int64_t n_words = words_for(n);
-#pragma omp parallel for schedule(static) num_threads(kernel_threads())
-    for (int64_t w = 0; w < n_words; ++w) {
-      const int64_t base = w * 32;
-      const int count = static_cast<int>(std::min<int64_t>(32, n - base));
-      const float s = scale_in[base / chunk];
-      alignas(64) float hat[32];
-      uint32_t scale_bits;
-      std::memcpy(&scale_bits, &s, sizeof(scale_bits));
-      unpack_words_f32(words + w, 1, scale_bits, reinterpret_cast<uint32_t*>(hat));  // +-s, as sign_unpack
-      residual_block(g + base, e + base, hat, count, accumulate);
-    }
+    for_each_unpacked_block(words, scale_in, chunk, n, [&](int64_t first, const float* hat, int64_t count) {
+      residual_block(g + first, e + first, hat, count, accumulate);
+    });
   });
 }
 
@@ -278,23 +282,9 @@ void sign_unpack_into_cpu(const at::Tensor& out, const at::Tensor& packed_in, co
     using O = decltype(out_tag);
     using P = decltype(payload_tag);
     O* o = out.data_ptr<O>();
-    constexpr int64_t kWordsPerTask = 64;
-    const int64_t n_words = words_for(n);
-    const int64_t tasks = (n_words + kWordsPerTask - 1) / kWordsPerTask;
-#pragma omp parallel for schedule(static) num_threads(kernel_threads())
-    for (int64_t task = 0; task < tasks; ++task) {
-      alignas(64) float hat[kWordsPerTask * 32];
-      const int64_t w_begin = task * kWordsPerTask;
-      const int64_t w_end = std::min(n_words, w_begin + kWordsPerTask);
-      for (int64_t w = w_begin; w < w_end; ++w) {  // a word never straddles two chunks
-        const float s = scale_in[w * 32 / chunk];
-        uint32_t scale_bits;
-        std::memcpy(&scale_bits, &s, sizeof(scale_bits));
-        unpack_words_f32(words + w, 1, scale_bits, reinterpret_cast<uint32_t*>(hat + (w - w_begin) * 32));
-      }
-      const int64_t first = w_begin * 32;
-      store_decompressed<O, P>(hat, std::min(n, w_end * 32) - first, accumulate, o + first);
-    }
+    for_each_unpacked_block(words, scale_in, chunk, n, [&](int64_t first, const float* hat, int64_t count) {
+      store_decompressed<O, P>(hat, count, accumulate, o + first);
+    });
   });
 }
 
