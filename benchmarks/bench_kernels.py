@@ -25,14 +25,23 @@ import commlib
 from commlib import ops
 from commlib.ops import _reference as ref
 
+DEVICE = torch.device("cpu")  # --device
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
 
 def median_time(fn, runs: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(runs):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -63,8 +72,8 @@ def fused_error_feedback(args, gen, clone_bw) -> list[dict]:
     from commlib import compress
 
     n = args.numel // 4  # four buffers live at once
-    grad0 = torch.randn(n, generator=gen)
-    residual0 = 0.1 * torch.randn(n, generator=gen)
+    grad0 = torch.randn(n, generator=gen).to(DEVICE)
+    residual0 = (0.1 * torch.randn(n, generator=gen)).to(DEVICE)
     cases = [("EF sign", compress.Sign()), ("EF QSGD 4 bit", compress.QSGD(bits=4)),
              ("EF top-k 1%", compress.TopK(0.01)), ("EF random-k 1%", compress.RandomK(0.01))]
     print(f"\nFused error feedback, {n} floats: one round = compress g + e, new residual, result written")
@@ -98,7 +107,7 @@ def fused_error_feedback(args, gen, clone_bw) -> list[dict]:
     g, e = grad0[: rows_ * cols].view(rows_, cols), residual0[: rows_ * cols].view(rows_, cols)
     m, o = torch.empty_like(g), torch.empty_like(g)
     for r in (1, 4):
-        q = torch.randn(cols, r, generator=gen)
+        q = torch.randn(cols, r, generator=gen).to(DEVICE)
         p = ops.powersgd_project(g, e, q, m)
         fused_s = median_time(lambda q=q, p=p: (ops.powersgd_project(g, e, q, m), ops.powersgd_backproject_(m, p, q, o)),
                               args.runs)
@@ -122,19 +131,22 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=7, help="timed runs per kernel (median)")
     parser.add_argument("--ref-runs", type=int, default=3, help="timed runs per reference (median)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU check); clone bandwidth is that device's")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_kernels.json"))
     args = parser.parse_args(argv)
 
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     print("command:", " ".join([sys.executable, *sys.argv]))
-    backend = commlib.kernel_backend("cpu")
+    backend = commlib.kernel_backend(DEVICE)
     print(f"torch {torch.__version__}, {args.threads} threads, kernel backend: {backend}")
-    if backend != "cpp":
+    if backend == "python":
         print("warning: compiled kernels are not loaded; 'kernel' timings below are the references")
 
     n = args.numel
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, generator=gen)
+    x = torch.randn(n, generator=gen).to(DEVICE)
     clone_s = median_time(lambda: x.clone(), args.runs)
     clone_bw = 2 * 4 * n / clone_s
     print(f"torch.clone of {n} floats: {clone_s * 1e3:.1f} ms, {clone_bw / 1e9:.2f} GB/s (read + write)\n")
@@ -201,7 +213,7 @@ def main(argv=None) -> int:
 
     # top-k at `density` of topk-numel floats
     m = args.topk_numel
-    y = torch.randn(m, generator=gen)
+    y = torch.randn(m, generator=gen).to(DEVICE)
     k = max(1, int(args.density * m))
     topk_s = median_time(lambda: torch.topk(y.abs(), k), args.ref_runs)
     exact_s = median_time(lambda: ops.topk_abs(y, k, True), args.runs)
@@ -246,6 +258,7 @@ def main(argv=None) -> int:
         "command": " ".join(sys.argv),
         "torch": torch.__version__,
         "threads": args.threads,
+        "device": str(DEVICE),
         "backend": backend,
         "machine": platform.processor() or platform.machine(),
         "clone_ms": clone_s * 1e3,

@@ -6,6 +6,10 @@ Environment toggles:
 ``COMMLIB_JIT=0``           do not JIT-build on first use (an AOT build is still loaded).
 ``COMMLIB_CACHE_DIR``       where JIT builds live (default ``~/.cache/commlib``).
 ``COMMLIB_VERBOSE_BUILD=1`` show the compiler's output.
+``COMMLIB_CUDA_BACKEND``    CUDA tensors: ``auto`` (default: the torch extension if it builds, else
+                            cupy/NVRTC if cupy is installed, else the references), ``extension``,
+                            ``cupy`` (no nvcc build: ``csrc/cuda/kernels`` compiled at run time by
+                            NVRTC, see :mod:`commlib.ops._cupy`) or ``reference``.
 
 Nothing here raises: a missing compiler or a failed build is logged once and the Python
 references (always registered, see ``commlib/ops``) serve every call. The dispatcher picks the
@@ -61,7 +65,9 @@ def cache_dir() -> Path:
 def _build_name(kind: str, sources: list[str], root: Path) -> str:
     """A name that changes with the sources, the headers and the torch build, so caches never go stale."""
     digest = hashlib.sha256(torch.__version__.encode() + str(root).encode())
-    for path in sorted(sources) + sorted(glob.glob(str(root / "**" / "*.h"), recursive=True)):
+    headers = glob.glob(str(root / "**" / "*.h"), recursive=True) + glob.glob(str(root / "**" / "*.cuh"),
+                                                                            recursive=True)
+    for path in sorted(sources) + sorted(headers):
         digest.update(Path(path).read_bytes())
     return f"commlib_{kind}_{digest.hexdigest()[:12]}"
 
@@ -126,17 +132,45 @@ def _load() -> None:
         return
     _status["cuda"] = "python"
     if torch.version.cuda and torch.cuda.is_available():
+        _load_cuda(root)
+
+
+CUDA_BACKENDS = ("auto", "extension", "cupy", "reference")
+
+
+def cuda_backend_choice() -> str:
+    choice = os.environ.get("COMMLIB_CUDA_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in CUDA_BACKENDS:
+        raise ValueError(f"COMMLIB_CUDA_BACKEND must be one of {CUDA_BACKENDS}, got {choice!r}")
+    return choice
+
+
+def _load_cuda(root: Path) -> None:
+    """The torch extension (nvcc), else cupy/NVRTC, as COMMLIB_CUDA_BACKEND asks (status "cuda" / "cupy")."""
+    choice = cuda_backend_choice()
+    if choice == "reference":
+        return
+    nvcc = shutil.which("nvcc") or (os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"], "bin", "nvcc"))
+    if choice == "extension" or (choice == "auto" and nvcc):
         try:
-            _jit_build(
-                "cuda",
-                cuda_sources(root),
-                root,
-                extra_cflags=["-O3"],
-                extra_cuda_cflags=CUDA_FLAGS,
-            )
+            _jit_build("cuda", cuda_sources(root), root, extra_cflags=["-O3"], extra_cuda_cflags=CUDA_FLAGS)
             _status["cuda"] = "cuda"
+            return
         except Exception as exc:
-            log.warning("commlib: building the CUDA kernels failed (%s); CUDA tensors use the reference ops", exc)
+            log.warning("commlib: building the CUDA kernels failed (%s)", exc)
+            if choice == "extension":
+                return
+    try:
+        import cupy  # noqa: F401  (the launchers import it lazily; check it is there before choosing it)
+
+        from commlib.ops import _cupy
+
+        _cupy.register()
+        _status["cuda"] = "cupy"
+    except ImportError:
+        if choice == "cupy":
+            log.warning("commlib: COMMLIB_CUDA_BACKEND=cupy but cupy is not installed; CUDA tensors use the "
+                        "reference ops (pip install commlib[gpu])")
 
 
 def ensure_loaded() -> dict[str, str]:
@@ -149,6 +183,6 @@ def ensure_loaded() -> dict[str, str]:
 
 
 def kernel_backend(device: str | torch.device = "cpu") -> str:
-    """'cpp', 'cuda' or 'python': what runs commlib's ops on this device type (for logs and benchmarks)."""
+    """'cpp', 'cuda', 'cupy' or 'python': what runs commlib's ops on this device type (for logs and benchmarks)."""
     kind = torch.device(device).type
     return ensure_loaded().get(kind, "python")

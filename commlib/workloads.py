@@ -88,6 +88,23 @@ class ByteBatches:
                 for _ in range(batches)]
 
 
+class ByteWindowDataset(torch.utils.data.Dataset):
+    """``count`` fixed windows of ``context`` bytes of the corpus, as ``{"input_ids", "labels"}`` (a
+    causal LM shifts the labels itself): the map-style dataset the trainers' samplers shard."""
+
+    def __init__(self, count: int = 512, context: int = 64, seed: int = 0):
+        data = python_source_bytes()
+        gen = torch.Generator().manual_seed(seed)
+        offsets = torch.randint(0, data.numel() - context, (count,), generator=gen)
+        self.windows = torch.stack([data[o : o + context] for o in offsets.tolist()])
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.windows[i], "labels": self.windows[i]}
+
+
 class DigitBatches:
     def __init__(self, rank: int, world: int, batch: int, seed: int):
         x, y = digits_images()

@@ -14,6 +14,14 @@ still overlap with the rest of the backward pass. Collectives run on the state's
 group (a copy of the user's group made with ``dist.new_group``), so nothing DDP issues itself can
 interleave with them. A dead peer surfaces as the process group's timeout error, delivered
 through the Future to ``backward()``: never a silent hang.
+
+CUDA streams (the rules, with their reasons, are in the README's "CUDA streams" section): the hook
+runs on autograd's device thread with the AccumulateGrad stream current, which is not necessarily
+the default stream. :meth:`OrderedQueue.submit` records an event on that producer stream and makes
+the Future with ``devices=[device]``; the worker runs the job on its own per-device stream after
+waiting on the event, and calls ``set_result`` with that stream still current, so the Future's
+completion event lands on the stream that did the work and DDP's consumer stream waits on it.
+Nothing on the hook's thread synchronizes the host.
 """
 
 from __future__ import annotations
@@ -140,14 +148,22 @@ class OrderedQueue:
     def rank(self) -> int:
         return self.comm.rank
 
-    def submit(self, job: Callable[[Comm], object], raw: bool = False) -> torch.futures.Future:
+    def submit(self, job: Callable[[Comm], object], raw: bool = False,
+               device: torch.device | None = None) -> torch.futures.Future:
         """Queue ``job``; the returned Future holds its result or its exception (``raw``: the
-        Python Future itself, for callers that chain it before DDP sees it)."""
-        fut: torch.futures.Future = torch.futures.Future()
+        Python Future itself, for callers that chain it before DDP sees it). ``device``: the
+        bucket's device; for CUDA the job is ordered after the current (producer) stream's work."""
         if self._closed:
             raise RuntimeError("this hook state was closed")
+        ready = None
+        if device is not None and device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(device))  # the gradients' kernels, as enqueued so far
+            fut: torch.futures.Future = torch.futures.Future(devices=[device])
+        else:
+            fut = torch.futures.Future()
         self._ensure_thread()
-        self._jobs.put((job, fut))
+        self._jobs.put((job, fut, device if ready is not None else None, ready))
         return fut if raw else carrying_errors(fut)
 
     def _ensure_thread(self) -> None:
@@ -187,19 +203,34 @@ class OrderedQueue:
             thread, self._thread = self._thread, None
             closing, self._closed = not self._closed, True
         if thread is not None and thread.is_alive():
-            self._jobs.put((None, None))
+            self._jobs.put((None, None, None, None))
             thread.join(timeout)
         if closing and dist.is_initialized():
             dist.destroy_process_group(self.group)
 
     def _work(self) -> None:
+        streams: dict[torch.device, torch.cuda.Stream] = {}  # the worker's own stream per device
         while True:
-            job, fut = self._jobs.get()
+            job, fut, device, ready = self._jobs.get()
             if job is None:  # close()
                 return
-            try:
-                result = job(self.comm)
-            except BaseException as exc:  # delivered to the waiting backward()
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
+            if device is None:
+                _run_and_settle(job, self.comm, fut)
+                continue
+            # current device and stream are per thread: set both here, on the worker
+            with torch.cuda.device(device):
+                if device not in streams:
+                    streams[device] = torch.cuda.Stream(device)
+                with torch.cuda.stream(streams[device]):
+                    streams[device].wait_event(ready)
+                    # set_result records the Future's event on this thread's current stream: ours
+                    _run_and_settle(job, self.comm, fut)
+
+
+def _run_and_settle(job, comm: Comm, fut: torch.futures.Future) -> None:
+    try:
+        result = job(comm)
+    except BaseException as exc:  # delivered to the waiting backward()
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)

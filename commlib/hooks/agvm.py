@@ -231,7 +231,8 @@ class AGVMState:
                 self.extra_bytes_last_step = 0
             return inner
         if self.estimator == "halves":
-            ours = self.queue.submit(lambda comm: self._halves_job(comm, local, keys, params, likes, step, is_last))
+            ours = self.queue.submit(lambda comm: self._halves_job(comm, local, keys, params, likes, step, is_last),
+                                     device=bucket.buffer().device)
             return torch.futures.collect_all([inner, ours]).then(lambda f: f.value()[0].value())
         return inner.then(lambda f: self._scalar_after(f.value(), local, keys, likes, step, is_last))
 

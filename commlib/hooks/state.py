@@ -202,14 +202,15 @@ class HookState:
             return self._aggregated(buffer, views, step, is_last)
         else:
             job = self.compressed_job(buffer, views, step, bucket.index())
-        return self.queue.submit(self._with_books(job, views, step, is_last))
+        return self.queue.submit(self._with_books(job, views, step, is_last), device=buffer.device)
 
     def _aggregated(self, buffer: torch.Tensor, views: list[ParamView], step: int, is_last: bool):
         """Hold the step's buckets and reduce them all in one job when the last one arrives: one
         set of collectives per step instead of per bucket (for hooks whose payload is tiny, where
         the per-round synchronisation, not the bytes, costs the time). Each bucket's Future
         completes with its own buffer once that job is done; DDP waits for them all anyway."""
-        fut: torch.futures.Future = torch.futures.Future()
+        fut: torch.futures.Future = (torch.futures.Future(devices=[buffer.device]) if buffer.is_cuda
+                                     else torch.futures.Future())
         self._held_buckets.append((buffer, views, fut))
         fut = carrying_errors(fut)
         if not is_last:
@@ -217,7 +218,7 @@ class HookState:
         held, self._held_buckets = self._held_buckets, []
         all_views = [v for _, bucket_views, _ in held for v in bucket_views]
         job = self.compressed_job(None, all_views, step, -1)
-        done = self.queue.submit(self._with_books(job, all_views, step, True), raw=True)
+        done = self.queue.submit(self._with_books(job, all_views, step, True), raw=True, device=buffer.device)
 
         def release(result: torch.futures.Future) -> None:
             try:

@@ -6,9 +6,19 @@
 // --fmad=false (device): a fused multiply-add would round differently from the reference.
 #pragma once
 
+#if defined(__CUDACC_RTC__)
+// NVRTC has no C++ standard headers: the fixed-width integers the kernels use, by their LP64 types
+typedef signed char int8_t;
+typedef unsigned char uint8_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#else
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#endif
 
 #if defined(__CUDACC__)
 #define COMMLIB_HD __host__ __device__ __forceinline__
