@@ -37,6 +37,14 @@ def tensor_is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def finite_flag(tensors) -> torch.Tensor | None:
+    """A 0-dim bool tensor, on the tensors' device: no float tensor among ``tensors`` holds inf or
+    NaN. Nothing is read on the host (no synchronization); None when there is no float element."""
+    flags = [torch.isfinite(torch.stack(torch.aminmax(t))).all() for t in tensors
+             if t.numel() and t.is_floating_point()]
+    return torch.stack(flags).all() if flags else None
+
+
 def derive_seed(base: int, *keys: int) -> int:
     """A 63-bit seed from ``base`` and integer keys (step, layer, ...): same on every rank, no RNG state."""
     h = hash32_int(base & 0xFFFFFFFF) ^ ((base >> 32) & 0xFFFFFFFF)

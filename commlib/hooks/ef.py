@@ -113,14 +113,15 @@ class ErrorFeedbackState(HookState):
         previous = [self.residuals.get(v.key) if self.error_feedback else None for v in chosen]
         payloads = [c.compress_ef(v.grad, e, seed=self.layer_seed(step, v.key))
                     for v, c, e in zip(chosen, compressors, previous)]
+        like = chosen[0].grad
         if self.collective == "allreduce":
             means = sum_summable_payloads(comm, payloads)
-            finite = all(c.payload_finite(p) for c, p in zip(compressors, means))
+            finite = self.finite_gate([t for p in means for t in p.tensors], like)
             results = [c.decompress(p) for c, p in zip(compressors, means)]
         else:
             gathered = allgather_payloads(comm, payloads)
-            finite = all(c.payload_finite(rank_payloads[i]) for rank_payloads in gathered
-                         for i, c in enumerate(compressors))
+            finite = self.finite_gate([t for rank_payloads in gathered for p in rank_payloads for t in p.tensors],
+                                      like)
             results = []
             for i, (v, c) in enumerate(zip(chosen, compressors)):
                 if v.grad.dtype == torch.float32 and c.touched_indices(payloads[i]) is not None:
@@ -130,13 +131,16 @@ class ErrorFeedbackState(HookState):
                 for rank_payloads in gathered:  # rank order: the same float sum on every rank
                     c.decompress_add_(out, rank_payloads[i])
                 results.append(out.div_(comm.world_size))
-        if finite:
+        if isinstance(finite, torch.Tensor):  # device gate: both branches computed, selected on the device
+            if self.error_feedback:
+                for v, c, p, e in zip(chosen, compressors, payloads, previous):
+                    self.residuals[v.key] = gated_residual(c, v.grad, p, e, finite)
+        elif finite:
             if self.error_feedback:
                 for v, c, p, e in zip(chosen, compressors, payloads, previous):
                     target = torch.empty_like(v.grad) if e is None else e
                     self.residuals[v.key] = c.update_residual_(target, v.grad, p, accumulate=e is not None)
-        else:
-            self.mark_skipped(step)
+        self.record_finite(step, finite)
         for v, c, result in zip(chosen, compressors, results):
             if isinstance(result, list):
                 write_sparse_mean(v.grad, c, result, comm.world_size)
@@ -165,6 +169,20 @@ class ErrorFeedbackState(HookState):
     def load_buffers_state(self, buffers: dict) -> None:
         self.residuals = dict(buffers["residuals"])
         self.server_errors = dict(buffers["server_errors"])
+
+
+def gated_residual(compressor: Compressor, grad: torch.Tensor, payload: Payload, residual: torch.Tensor | None,
+                   ok: torch.Tensor) -> torch.Tensor:
+    """Rule 5 without reading ``ok`` on the host: the new residual ``(g + e) - decompress(sent)``
+    where ``ok`` (a 0-dim bool tensor) holds, else the old residual (zeros where there was none),
+    written into ``residual`` when there is one. Equal to the host-gated update whenever ``ok`` is
+    true; a skipped first step leaves zeros instead of no residual (the same values, up to the sign
+    of a -0.0 gradient element)."""
+    target = torch.empty_like(grad) if residual is None else residual.clone()
+    new = compressor.update_residual_(target, grad, payload, accumulate=residual is not None)
+    if residual is None:
+        return torch.where(ok, new, torch.zeros((), dtype=new.dtype, device=new.device), out=new)
+    return torch.where(ok, new, residual, out=residual)
 
 
 def write_sparse_mean(grad: torch.Tensor, compressor: Compressor, payloads: list[Payload], world_size: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import datetime
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import torch.distributed as dist
 
 from commlib.comm.patterns import allreduce_mean_, split_like
 from commlib.comm.queue import Comm, OrderedQueue, PeerFailure, carrying_errors
-from commlib.compress.base import derive_seed, tensor_is_finite
+from commlib.compress.base import derive_seed, finite_flag, tensor_is_finite
 
 
 @dataclass
@@ -54,6 +55,11 @@ class HookState:
             iteration 1). Before it, buckets are averaged densely.
         seed: base of every random choice (mixed with step and parameter; the global RNG is never used).
         timeout: timeout of the private process group (default: the process group default).
+        finiteness: where rule 5's "is every rank's result finite?" is decided, for the hooks that
+            support a device gate (``ef`` with ``allreduce`` or ``allgather``): ``"host"`` reads it
+            (one read per bucket: free on CPU, a stream synchronization on CUDA), ``"device"`` keeps
+            it a tensor and selects the residuals with ``torch.where`` (no synchronization; the
+            skipped-step count is read when asked for). Default: device for CUDA buckets.
 
     Binding: the state needs no process group to be built (Lightning builds it before
     ``init_process_group``); it binds its group, queue and thread at the first hook call or at
@@ -79,13 +85,16 @@ class HookState:
     per_rank_buffers: tuple[str, ...] = ()
 
     def __init__(self, process_group=None, *, model=None, start_iter: int = 2, seed: int = 0,
-                 timeout: float | None = None):
+                 timeout: float | None = None, finiteness: str | None = None):
         self.start_iter = require_start_iter(start_iter) if self.stateful else max(0, int(start_iter))
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or timeout <= 0):
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if finiteness not in (None, "host", "device"):
+            raise ValueError(f"finiteness must be 'host', 'device' or None (device for CUDA buckets), got "
+                             f"{finiteness!r}")
         self.seed = seed
         self.process_group = process_group
         self.timeout = timeout
@@ -113,6 +122,10 @@ class HookState:
         self.total_hook_seconds = 0.0
         self.skipped_steps = 0  # steps whose aggregated gradient was non-finite
         self._last_skipped_step = -1
+        # "host": read rule 5's finiteness decision on the host; "device": keep it a 0-dim tensor and
+        # select with torch.where (no host synchronization); None: device for CUDA buckets. Hooks
+        # that support device gating consult uses_device_gate(); the others always read on the host.
+        self.finiteness = finiteness
         self.per_layer: dict[str, dict] = {}
         self._held_buckets: list = []  # (buffer, views, Future) of the step so far (one_round_per_step)
         self._heartbeat_step = -1
@@ -353,9 +366,51 @@ class HookState:
 
     def mark_skipped(self, step: int) -> None:
         """Record that ``step``'s aggregate was non-finite (state updates were not committed)."""
+        self._resolve_skips()
         if step != self._last_skipped_step:
             self._last_skipped_step = step
-            self.skipped_steps += 1
+            self._skipped_steps += 1
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose aggregate was non-finite (reads pending device flags: a host synchronization)."""
+        self._resolve_skips()
+        return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._pending_skips: collections.deque = collections.deque()  # (step, 0-dim bool "finite")
+        self._skipped_steps = int(value)
+
+    def _resolve_skips(self) -> None:
+        pending = self.__dict__.get("_pending_skips")
+        while pending:
+            step, ok = pending.popleft()  # thread-safe: the worker appends, any thread resolves
+            if not bool(ok) and step != self._last_skipped_step:
+                self._last_skipped_step = step
+                self._skipped_steps += 1
+
+    def uses_device_gate(self, like: torch.Tensor) -> bool:
+        """Whether rule 5's decision stays on the device for buckets like ``like``."""
+        mode = self.finiteness or ("device" if like.is_cuda else "host")
+        if mode not in ("host", "device"):
+            raise ValueError(f"finiteness must be 'host', 'device' or None, got {mode!r}")
+        return mode == "device"
+
+    def finite_gate(self, tensors, like: torch.Tensor):
+        """Is every tensor free of inf and NaN? A Python bool read on the host, or in device mode a
+        0-dim bool tensor (nothing read back); :meth:`record_finite` books it either way."""
+        if not self.uses_device_gate(like):
+            return all(tensor_is_finite(t) for t in tensors)
+        flag = finite_flag(list(tensors))
+        return True if flag is None else flag
+
+    def record_finite(self, step: int, ok) -> None:
+        """Book ``step`` as skipped if ``ok`` (a bool, or a device flag resolved later) is false."""
+        if isinstance(ok, torch.Tensor):
+            self._pending_skips.append((step, ok))
+        elif not ok:
+            self.mark_skipped(step)
 
     @staticmethod
     def all_finite(tensor: torch.Tensor) -> bool:
