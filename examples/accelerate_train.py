@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 
 from commlib import hooks
@@ -67,6 +68,10 @@ def main(argv=None) -> None:
                   num_processes=accelerator.num_processes, micro_batches=micro_batches, loss=float(loss.detach()))
     if accelerator.is_main_process:
         write_report(report, args.out)
+    state.close()  # the hook's thread and private group, before the interpreter tears threads down
+    accelerator.end_training()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

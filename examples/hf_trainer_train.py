@@ -16,6 +16,7 @@ import argparse
 import tempfile
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
 
 from commlib import hooks
@@ -62,6 +63,9 @@ def main(argv=None) -> None:
                   global_step=trainer.state.global_step)
     if trainer.is_world_process_zero():
         write_report(report, args.out)
+    state.close()  # the hook's thread and private group, before the interpreter tears threads down
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class Report(Callback):
         report["optimizer"] = type(trainer.optimizers[0]).__name__
         if trainer.global_rank == 0:
             write_report(report, self.out)
+        self.hook_callback.registered_state.close()  # the hook's thread and private group, before exit
 
 
 def main(argv=None) -> None:
