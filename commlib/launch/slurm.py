@@ -233,8 +233,8 @@ class EmulatedSlurm:
         """``sbatch --parsable <args>`` on the head node from ``cwd``, then wait for the job;
         returns (the job's exit code, its output). The output file is ``*<job id>*.out`` in ``cwd``
         (the script's ``--output``, or Slurm's ``slurm-<id>.out``). The job state is polled twice a
-        second (``sbatch --wait`` polls with a back-off of up to 32 s); past ``timeout`` the job is
-        cancelled and ``TimeoutError`` raised."""
+        second (``sbatch --wait`` polls at growing intervals: it added about 25 s per job here); past
+        ``timeout`` the job is cancelled and ``TimeoutError`` raised."""
         proc = subprocess.run(["ip", "netns", "exec", self.cluster.node(0), "sbatch", "--parsable", *args], cwd=cwd,
                               env=self.env(env), capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
