@@ -159,9 +159,7 @@ class OrderedQueue:
         if device is not None and device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(device))  # the gradients' kernels, as enqueued so far
-            fut: torch.futures.Future = torch.futures.Future(devices=[device])
-        else:
-            fut = torch.futures.Future()
+        fut = future_for(device)
         self._ensure_thread()
         self._jobs.put((job, fut, device if ready is not None else None, ready))
         return fut if raw else carrying_errors(fut)
@@ -225,6 +223,15 @@ class OrderedQueue:
                     streams[device].wait_event(ready)
                     # set_result records the Future's event on this thread's current stream: ours
                     _run_and_settle(job, self.comm, fut)
+
+
+def future_for(device: torch.device | None) -> torch.futures.Future:
+    """A Future for a result on ``device``: with ``devices=[device]`` on CUDA, so that completing it
+    records an event on the completing thread's current stream and DDP's consumer waits on it (a
+    Future without devices records none)."""
+    if device is not None and device.type == "cuda":
+        return torch.futures.Future(devices=[device])
+    return torch.futures.Future()
 
 
 def _run_and_settle(job, comm: Comm, fut: torch.futures.Future) -> None:

@@ -142,6 +142,11 @@ class Compressor:
         only (a few scales for Sign and QSGD, k values for the sparsifiers), not the dense result."""
         return all(tensor_is_finite(t) for t in payload.tensors)
 
+    def payload_finite_flag(self, payload: Payload) -> torch.Tensor | None:
+        """:meth:`payload_finite` as a 0-dim bool tensor on the payload's device, read nowhere (the
+        hooks' device gate); None when the payload has no float element."""
+        return finite_flag(payload.tensors)
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({fields})"

@@ -116,12 +116,12 @@ class ErrorFeedbackState(HookState):
         like = chosen[0].grad
         if self.collective == "allreduce":
             means = sum_summable_payloads(comm, payloads)
-            finite = self.finite_gate([t for p in means for t in p.tensors], like)
+            finite = self.finite_gate(zip(compressors, means, strict=True), like)
             results = [c.decompress(p) for c, p in zip(compressors, means)]
         else:
             gathered = allgather_payloads(comm, payloads)
-            finite = self.finite_gate([t for rank_payloads in gathered for p in rank_payloads for t in p.tensors],
-                                      like)
+            finite = self.finite_gate(((c, rank_payloads[i]) for rank_payloads in gathered
+                                       for i, c in enumerate(compressors)), like)
             results = []
             for i, (v, c) in enumerate(zip(chosen, compressors)):
                 if v.grad.dtype == torch.float32 and c.touched_indices(payloads[i]) is not None:

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from commlib.comm.patterns import allreduce_mean_, split_like
-from commlib.comm.queue import Comm, OrderedQueue, PeerFailure, carrying_errors
-from commlib.compress.base import derive_seed, finite_flag, tensor_is_finite
+from commlib.comm.queue import Comm, OrderedQueue, PeerFailure, carrying_errors, future_for
+from commlib.compress.base import derive_seed, tensor_is_finite
 
 
 @dataclass
@@ -222,8 +222,7 @@ class HookState:
         set of collectives per step instead of per bucket (for hooks whose payload is tiny, where
         the per-round synchronisation, not the bytes, costs the time). Each bucket's Future
         completes with its own buffer once that job is done; DDP waits for them all anyway."""
-        fut: torch.futures.Future = (torch.futures.Future(devices=[buffer.device]) if buffer.is_cuda
-                                     else torch.futures.Future())
+        fut = future_for(buffer.device)
         self._held_buckets.append((buffer, views, fut))
         fut = carrying_errors(fut)
         if not is_last:
@@ -397,13 +396,15 @@ class HookState:
             raise ValueError(f"finiteness must be 'host', 'device' or None, got {mode!r}")
         return mode == "device"
 
-    def finite_gate(self, tensors, like: torch.Tensor):
-        """Is every tensor free of inf and NaN? A Python bool read on the host, or in device mode a
-        0-dim bool tensor (nothing read back); :meth:`record_finite` books it either way."""
+    def finite_gate(self, pairs, like: torch.Tensor):
+        """Is every ``(compressor, payload)`` in ``pairs`` free of inf and NaN? A Python bool from
+        ``payload_finite`` read on the host, or in device mode a 0-dim bool tensor from
+        ``payload_finite_flag`` (nothing read back); :meth:`record_finite` books it either way."""
+        pairs = list(pairs)
         if not self.uses_device_gate(like):
-            return all(tensor_is_finite(t) for t in tensors)
-        flag = finite_flag(list(tensors))
-        return True if flag is None else flag
+            return all(c.payload_finite(p) for c, p in pairs)
+        flags = [f for f in (c.payload_finite_flag(p) for c, p in pairs) if f is not None]
+        return torch.stack(flags).all() if flags else True
 
     def record_finite(self, step: int, ok) -> None:
         """Book ``step`` as skipped if ``ok`` (a bool, or a device flag resolved later) is false."""

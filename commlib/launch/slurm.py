@@ -25,6 +25,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,7 +51,8 @@ def can_run_slurm() -> tuple[bool, str]:
     return True, ""
 
 
-def _group_alive(group: int) -> bool:
+def group_alive(group: int) -> bool:
+    """Whether any process of process group ``group`` still exists."""
     try:
         os.killpg(group, 0)
         return True
@@ -111,16 +113,16 @@ class EmulatedSlurm:
         """Our environment plus ``extra``, with commlib importable and ``SLURM_CONF`` set."""
         env = child_env({**os.environ, **(extra or {})})
         env["SLURM_CONF"] = str(self.root / "slurm.conf")
-        env["PATH"] = os.pathsep.join([os.path.dirname(os.sys.executable), env.get("PATH", ""), "/usr/sbin"])
+        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", ""), "/usr/sbin"])
         return env
 
     def _daemon(self, argv: list[str], node: int | None = None, user: str | None = None) -> subprocess.Popen:
+        name = argv[0] if node is None else f"{argv[0]}-n{node}"  # its console output: <name>.out
         if user is not None:
             argv = ["runuser", "-u", user, "--", *argv]
         if node is not None:
             argv = ["ip", "netns", "exec", self.cluster.node(node), *argv]
-        log = open(self.root / f"{Path(argv[-1]).name if node is None else f'daemon-n{node}'}-{len(self.procs)}.out",
-                   "w")
+        log = open(self.root / f"{name}.out", "w")
         proc = subprocess.Popen(argv, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self.procs.append(proc)
@@ -212,7 +214,7 @@ class EmulatedSlurm:
         # children of the daemons (runuser's munged, a slurmstepd) leave their group last
         deadline = time.monotonic() + 15
         for proc in self.procs:
-            while _group_alive(proc.pid) and time.monotonic() < deadline:
+            while group_alive(proc.pid) and time.monotonic() < deadline:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, 9)
                 time.sleep(0.1)

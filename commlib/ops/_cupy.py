@@ -220,15 +220,14 @@ def sign_pack(x: torch.Tensor, chunk_size: int):
 
 
 def sign_unpack(packed, scales, numel: int, chunk_size: int, dtype: torch.dtype):
-    packed_in, scales_in = packed, scales
-    _check(packed_in.is_cuda and scales_in.is_cuda, "commlib::sign_unpack: expected CUDA tensors")
-    _check(packed_in.dtype == torch.int32 and scales_in.dtype == torch.float32,
+    _check(packed.is_cuda and scales.is_cuda, "commlib::sign_unpack: expected CUDA tensors")
+    _check(packed.dtype == torch.int32 and scales.dtype == torch.float32,
            "commlib::sign_unpack: packed must be int32 and scales float32")
-    _check(packed_in.numel() == (numel + 31) // 32, "commlib::sign_unpack: packed size does not match numel")
+    _check(packed.numel() == (numel + 31) // 32, "commlib::sign_unpack: packed size does not match numel")
     chunk = _chunk_of(chunk_size, numel)
     chunks = 0 if numel == 0 else (numel + chunk - 1) // chunk
-    _check(scales_in.numel() == chunks, f"commlib::sign_unpack: expected {chunks} scales")
-    packed, scales = packed_in.contiguous(), scales_in.contiguous()
+    _check(scales.numel() == chunks, f"commlib::sign_unpack: expected {chunks} scales")
+    packed, scales = packed.contiguous(), scales.contiguous()
     out = torch.empty(numel, dtype=dtype, device=packed.device)
     if numel:
         _launch("sign", _k("sign_unpack_kernel", _float_name(dtype, "sign_unpack")), packed.device, _blocks(numel),
@@ -253,15 +252,14 @@ def qsgd_quantize(x: torch.Tensor, bits: int, bucket_size: int, seed: int):
 
 
 def qsgd_dequantize(codes, scales, bits: int, bucket_size: int, numel: int, dtype: torch.dtype):
-    codes_in, scales_in = codes, scales
     _check_qsgd("commlib::qsgd_dequantize", bits, bucket_size)
-    _check(codes_in.is_cuda and scales_in.is_cuda, "commlib::qsgd_dequantize: expected CUDA tensors")
-    _check(codes_in.dtype == torch.uint8 and scales_in.dtype == torch.float32,
+    _check(codes.is_cuda and scales.is_cuda, "commlib::qsgd_dequantize: expected CUDA tensors")
+    _check(codes.dtype == torch.uint8 and scales.dtype == torch.float32,
            "commlib::qsgd_dequantize: codes must be uint8 and scales float32")
-    _check(codes_in.numel() == (numel + 7) // 8 * bits, "commlib::qsgd_dequantize: code bytes do not match numel")
-    _check(scales_in.numel() == (numel + bucket_size - 1) // bucket_size,
+    _check(codes.numel() == (numel + 7) // 8 * bits, "commlib::qsgd_dequantize: code bytes do not match numel")
+    _check(scales.numel() == (numel + bucket_size - 1) // bucket_size,
            "commlib::qsgd_dequantize: wrong number of scales")
-    codes, scales = codes_in.contiguous(), scales_in.contiguous()
+    codes, scales = codes.contiguous(), scales.contiguous()
     out = torch.empty(numel, dtype=dtype, device=codes.device)
     if numel:
         _launch("qsgd", _k("qsgd_dequantize_kernel", _float_name(dtype, "qsgd_dequantize")), codes.device,
@@ -357,11 +355,10 @@ def _index_name(dtype: torch.dtype, op: str) -> str:
 
 
 def ef_sparse_residual_(residual, grad, indices, values, accumulate: bool) -> None:
-    indices_in, values_in = indices, values
     _check_pair("commlib::ef_sparse_residual_", grad, residual)
-    _check(values_in.dtype == grad.dtype and values_in.numel() == indices_in.numel(),
+    _check(values.dtype == grad.dtype and values.numel() == indices.numel(),
            "commlib::ef_sparse_residual_: values must match grad's dtype and the indices' count")
-    indices, values = indices_in.contiguous(), values_in.contiguous()
+    indices, values = indices.contiguous(), values.contiguous()
     n, k = grad.numel(), indices.numel()
     t = _float_name(grad.dtype, "ef_sparse_residual_")
     i = _index_name(indices.dtype, "ef_sparse_residual_")
@@ -374,9 +371,8 @@ def ef_sparse_residual_(residual, grad, indices, values, accumulate: bool) -> No
 
 
 def ef_gather(grad, residual, indices):
-    indices_in = indices
     _check_pair("commlib::ef_gather", grad, residual)
-    indices = indices_in.contiguous()
+    indices = indices.contiguous()
     n, k = grad.numel(), indices.numel()
     values = torch.empty(k, dtype=grad.dtype, device=grad.device)
     worst = torch.zeros(1, dtype=torch.int32, device=grad.device)
@@ -402,14 +398,13 @@ def _check_matrices(op: str, m, q) -> None:
 
 
 def powersgd_project(grad, residual, q, m):
-    q_in = q
-    _check_matrices("commlib::powersgd_project", grad, q_in)
+    _check_matrices("commlib::powersgd_project", grad, q)
     _check(m.shape == grad.shape and m.is_contiguous() and m.dtype == torch.float32,
            "commlib::powersgd_project: m must be a contiguous float32 matrix shaped like grad")
     if residual is not None:
         _check(residual.shape == grad.shape and residual.is_contiguous() and residual.dtype == torch.float32,
                "commlib::powersgd_project: residual must be a contiguous float32 matrix shaped like grad")
-    q = q_in.contiguous()
+    q = q.contiguous()
     rows, cols, r = grad.shape[0], grad.shape[1], q.shape[1]
     p = torch.empty(rows, r, dtype=grad.dtype, device=grad.device)
     if rows and r:
@@ -419,11 +414,10 @@ def powersgd_project(grad, residual, q, m):
 
 
 def powersgd_backproject_(m, p, q, out) -> None:
-    p_in, q_in = p, q
-    _check_matrices("commlib::powersgd_backproject_", m, q_in)
+    _check_matrices("commlib::powersgd_backproject_", m, q)
     _check(out.shape == m.shape and out.is_contiguous() and out.dtype == torch.float32,
            "commlib::powersgd_backproject_: out must be a contiguous float32 matrix shaped like m")
-    p, q = p_in.contiguous(), q_in.contiguous()
+    p, q = p.contiguous(), q.contiguous()
     rows, cols, r = m.shape[0], m.shape[1], q.shape[1]
     _check(p.dim() == 2 and p.shape[0] == rows and p.shape[1] == r, "commlib::powersgd_backproject_: bad p shape")
     if rows * cols and r:

@@ -23,27 +23,13 @@ def env_for(tmp_path) -> dict:
                 TOKENIZERS_PARALLELISM="false", PL_DISABLE_FORK="0")
 
 
-def start(cmd, tmp_path, tag: str = "report") -> tuple:
-    out = tmp_path / f"{tag}.json"
-    proc = subprocess.Popen([*cmd, "--out", str(out)], cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    return proc, out
-
-
-def finish(started, timeout=240) -> dict:
-    proc, out = started
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"timed out after {timeout} s:\n{stdout[-2000:]}{stderr[-4000:]}") from None
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
-    return json.loads(out.read_text())
-
-
 def run(cmd, tmp_path, timeout=240) -> dict:
-    return finish(start(cmd, tmp_path), timeout)
+    """Run an example to completion (killed past ``timeout``); its ``--out`` report."""
+    out = tmp_path / "report.json"
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=tmp_path, env=env_for(tmp_path), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
 
 
 def assert_hook_ran_everywhere(report: dict, steps: int) -> None:

@@ -4,7 +4,6 @@ every daemon and namespace is gone afterwards. Root only, like the cluster tests
 come from ``scripts/install_slurm.sh``, which ``make test`` runs."""
 
 import json
-import os
 import subprocess
 
 import pytest
@@ -15,14 +14,6 @@ from commlib.launch import slurm as sl
 ROOT = cl.PACKAGE_ROOT
 able, why = sl.can_run_slurm()
 pytestmark = [pytest.mark.dist, pytest.mark.skipif(not able, reason=why)]
-
-
-def alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def test_slurm_conf_puts_each_node_on_its_cluster_address():
@@ -36,7 +27,7 @@ def test_sbatch_two_nodes_trains_with_identical_ranks_then_everything_is_torn_do
     with cl.EmulatedCluster(nodes=2, bandwidth="1gbit") as cluster, sl.EmulatedSlurm(cluster) as slurm:
         scratch = slurm.root
         groups = [p.pid for p in slurm.procs]  # each daemon leads its own session
-        assert len(groups) == 4 and all(map(alive, groups))  # munged, slurmctld, 2 x slurmd
+        assert len(groups) == 4 and all(map(sl.group_alive, groups))  # munged, slurmctld, 2 x slurmd
         code, output = slurm.sbatch(
             ["--nodes=2", f"{ROOT}/launch/slurm.sbatch", "-m", "commlib.workloads", "--model", "gpt2", "--dim", "64",
              "--layers", "1", "--steps", "6", "--warmup", "2", "--hook", "powersgd", "--option", "rank=2",
@@ -52,6 +43,6 @@ def test_sbatch_two_nodes_trains_with_identical_ranks_then_everything_is_torn_do
     assert result["world"] == 2 and result["ranks_agree"] and result["hook"] == "powersgd"
     # the gradients crossed node 0's veth: at least the hook's payload went out on the wire
     assert result["wire_tx_bytes_per_step"] >= result["bytes_per_step"] > 0
-    assert not any(map(alive, groups)) and not scratch.exists()
+    assert not any(map(sl.group_alive, groups)) and not scratch.exists()
     assert not [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
                 if ns.startswith(cluster.tag)]

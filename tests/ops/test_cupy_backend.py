@@ -129,17 +129,11 @@ def test_every_launch_matches_its_kernels_parameters(monkeypatch, op, make_args)
         assert grid >= 1 and threads in (1, 256)
 
 
-def test_powersgd_project_reserves_the_shared_memory_its_kernel_indexes():
-    calls = []
-    mp = pytest.MonkeyPatch()
-    try:
-        mp.setattr(_cupy, "_launch", lambda module, name, device, grid, args, shared=0, threads=256:
-                   calls.append((grid, shared)))
-        mp.setattr(_cupy, "_check", lambda ok, message: None)
-        _cupy.powersgd_project(torch.randn(6, 5), None, torch.randn(5, 3), torch.empty(6, 5))
-    finally:
-        mp.undo()
-    assert calls == [(6, 3 * 256 * 4)]  # one block per row, r x blockDim floats
+def test_powersgd_project_reserves_the_shared_memory_its_kernel_indexes(monkeypatch):
+    calls = record_launches(monkeypatch)
+    _cupy.powersgd_project(torch.randn(6, 5), None, torch.randn(5, 3), torch.empty(6, 5))
+    # one block per row, r x blockDim floats of shared memory
+    assert [(grid, shared) for _, _, grid, _, shared, _ in calls] == [(6, 3 * 256 * 4)]
 
 
 def test_register_installs_a_cuda_kernel_for_every_op():
