@@ -5,8 +5,12 @@ mean_i(G_i)``: averaging the projected gradients gives GaLore the ``R`` it would
 dense average, while a projected (m x n) matrix sends ``r n`` (or ``m r``) values instead of
 ``m n``. The optimizer says, per parameter and step, which basis it will use
 (:meth:`~commlib.optim.lowrank.LowRankAdamW.wire_projection`); steps that refresh the projector,
-and parameters it does not project, are averaged densely. The averaged ``R`` goes to the optimizer
-(:meth:`~commlib.optim.lowrank.LowRankAdamW.receive_projected`) and ``P R`` to ``p.grad``.
+and parameters it does not project, are averaged densely. ``P R`` goes to ``p.grad``, and the
+optimizer projects whatever ``p.grad`` holds at its step (rule 9: ``clip_grad_norm_``, a
+``GradScaler``'s ``unscale_`` or accumulation scaling reach the update, exactly as over dense DDP,
+since ``Pᵀ (c P R) = c R`` for an orthonormal basis). The hook tells the optimizer whether it sent
+a residual (:meth:`~commlib.optim.lowrank.LowRankAdamW.receive_projected`): without one, the part of
+the gradient outside the subspace is zero by construction, not the rounding noise of ``G - P Pᵀ G``.
 
 Fira's residual ``G - P R`` and FRUGAL's state-free ``sign(G - P R)`` need the part of the averaged
 gradient outside the subspace, which ``R`` does not carry: ``residual="exact"`` averages those
@@ -91,6 +95,9 @@ class LowRankState(HookState):
     def compressed_job(self, buffer, views, step, bucket_index):
         def job(comm: Comm):
             plans = [(v, self.plan(v)) for v in views]
+            for v, plan in plans:
+                if plan is None:
+                    self.optimizer.forget_wire(self.params[v.key])
             self.average_dense(comm, [v for v, plan in plans if plan is None])
             projected = [(v, plan) for v, plan in plans if plan is not None]
             if projected:
@@ -107,7 +114,7 @@ class LowRankState(HookState):
                 for (v, (basis, side)), mean, (rest, rest_bytes) in zip(projected, means, extra):
                     back = pj.project_back(mean, basis, side)
                     v.grad.copy_((back if rest is None else back + rest).view_as(v.grad))
-                    self.optimizer.receive_projected(self.params[v.key], mean.clone())
+                    self.optimizer.receive_projected(self.params[v.key], in_subspace=rest is None)
                     self.book_layer(v, mean.numel() * mean.element_size() + rest_bytes, compressed=True,
                                     side="right" if side == pj.RIGHT else "left", rank=min(mean.shape))
             return buffer

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from commlib.compress.base import derive_seed
@@ -143,7 +144,8 @@ class LowRankAdamW(Optimizer):
                     "correct_bias": correct_bias}
         super().__init__(params, defaults)
         self.comm = CommCounter()
-        self.wire_gradients: dict = {}  # projected gradients averaged by the lowrank hook, for the next step
+        self.wire_in_subspace: set = set()  # ids of parameters whose p.grad the lowrank hook left in the subspace
+        self.skipped_steps = 0  # steps skipped because a gradient was not finite
 
     # ------------------------------------------------------------------ groups
     def is_low_rank_group(self, group: dict) -> bool:
@@ -169,6 +171,7 @@ class LowRankAdamW(Optimizer):
 
     def validate_group(self, group: dict) -> None:
         _require("projector", group["projector"], group["projector"] in pj.PROJECTORS, f"one of {pj.PROJECTORS}")
+        _require("svd_signs", group["svd_signs"], group["svd_signs"] in pj.SVD_SIGNS, f"one of {pj.SVD_SIGNS}")
         _require("proj_type", group["proj_type"], group["proj_type"] in pj.PROJ_TYPES, f"one of {pj.PROJ_TYPES}")
         gap = group["update_proj_gap"]
         _require("update_proj_gap", gap, _is_int(gap) and gap >= 1, "an integer >= 1")
@@ -195,7 +198,10 @@ class LowRankAdamW(Optimizer):
         if group["projector"] == "svd":
             whole = self.comm.all_gather_rows(grad2d, shard) if shard is not None else grad2d
             if torch.isfinite(whole).all() or "basis" not in state:  # a non-finite gradient keeps the old one
-                state["basis"] = self.stored_basis(pj.svd_basis(whole, rank, side), side, shard)
+                basis = pj.svd_basis(whole, rank, side)
+                if group.get("svd_signs", "align") == "align":
+                    basis = self.aligned_svd_basis(basis, state.get("basis"), side, shard)
+                state["basis"] = self.stored_basis(basis, side, shard)
         elif group["projector"] == "random":
             basis = self.random_basis_for(group, shape, index, refresh, grad2d.dtype, grad2d.device)
             state["basis"] = self.stored_basis(basis, side, shard)
@@ -209,6 +215,21 @@ class LowRankAdamW(Optimizer):
             if torch.isfinite(scores).all() or "dct_indices" not in state:
                 state["dct_indices"] = pj.top_indices(scores, rank)
         state["refreshes"] = refresh + 1
+
+    def aligned_svd_basis(self, basis: torch.Tensor, previous, side: int, shard=None) -> torch.Tensor:
+        """:func:`~commlib.optim.projectors.align_signs` of a whole new basis against the stored one
+        (on a shard's left side the stored basis is this rank's rows: the dot products are summed
+        over the shard group, r values, so every rank flips the same vectors)."""
+        if previous is None:
+            return pj.align_signs(basis, None, side)
+        previous = local(previous)
+        if shard is None or side == pj.RIGHT:
+            return pj.align_signs(basis, previous if previous.shape == basis.shape else None, side)
+        lo, hi = shard.rows_of(shard.rank)
+        if previous.shape != basis[lo:hi].shape:
+            return pj.align_signs(basis, None, side)
+        dots = self.comm.all_reduce_(pj.alignment_dots(basis[lo:hi], previous, side).contiguous(), shard)
+        return pj.apply_flips(basis, pj.sign_flips(dots), side)
 
     def random_basis_for(self, group: dict, shape, index: int, refresh: int, dtype, device) -> torch.Tensor:
         """The random projector of parameter ``index`` at its ``refresh``-th refresh: a function of
@@ -302,15 +323,29 @@ class LowRankAdamW(Optimizer):
         """Whether the update uses ``G - back(R)`` besides ``R`` (Fira's residual, FRUGAL's state-free part)."""
         return False
 
-    def receive_projected(self, p: torch.Tensor, low: torch.Tensor) -> None:
-        """The mean over ranks of ``p``'s projected gradient, used by the next step instead of
-        projecting ``p.grad`` (the lowrank hook calls this after its all-reduce)."""
-        self.wire_gradients[p] = low
+    def receive_projected(self, p: torch.Tensor, in_subspace: bool) -> None:
+        """The lowrank hook's word on what it wrote into ``p.grad`` for the next step: ``P R`` alone
+        (``in_subspace=True``: no residual was sent, so the part of the gradient outside the
+        subspace is zero by construction), or ``P R`` plus a residual estimate (False).
 
-    def projected_gradient(self, p, grad, basis, side, shard):
-        """``R`` of this step: the one the lowrank hook averaged, else the projection of ``grad``."""
-        low = self.wire_gradients.pop(p, None)
-        return low if low is not None else self.project(grad, basis, side, shard)
+        The optimizer always projects the ``p.grad`` it finds at :meth:`step` (rule 9: clipping,
+        unscaling and accumulation scaling applied after ``backward()`` reach the update), and with
+        ``in_subspace`` it takes the residual ``G - P R`` as exactly zero instead of the rounding
+        noise of ``G - P Pᵀ G`` (whose sign FRUGAL's state-free step would follow)."""
+        if in_subspace:
+            self.wire_in_subspace.add(id(p))
+        else:
+            self.wire_in_subspace.discard(id(p))
+
+    def forget_wire(self, p: torch.Tensor) -> None:
+        """The hook averaged ``p`` densely this step: its gradient is whole again."""
+        self.wire_in_subspace.discard(id(p))
+
+    def residual_of(self, p, grad, low, basis, side, shard):
+        """``G - back(R)``, or zeros when the lowrank hook sent ``p``'s gradient without a residual."""
+        if id(p) in self.wire_in_subspace:
+            return torch.zeros_like(grad)
+        return grad - self.project_back(low, basis, side, shard)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -320,6 +355,9 @@ class LowRankAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.refuse_flattened()  # before any parameter moves
+        if not self.gradients_finite():
+            self.skipped_steps += 1  # nothing moves: moments, bases and step counts stay as they were
+            return loss
         for group in self.param_groups:
             low_rank = self.is_low_rank_group(group)
             for index, p in enumerate(group["params"]):
@@ -334,6 +372,28 @@ class LowRankAdamW(Optimizer):
                 else:
                     self.dense_step(group, p, state, shard)
         return loss
+
+    def gradients_finite(self) -> bool:
+        """Whether every gradient is free of inf and NaN (one host read per step; on FSDP2 shards
+        the ranks of each shard group agree, so they skip together). A non-finite gradient skips
+        the whole step, as ``GradScaler`` would: Adam's moments would otherwise hold the NaN forever."""
+        flags, groups = [], {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                flags.append(torch.isfinite(local(p.grad)).all())
+                shard = row_shard_of(p)
+                if shard is not None and shard.world > 1:
+                    groups[id(shard.group)] = shard.group
+        if not flags:
+            return True
+        finite = torch.stack(flags).all()
+        for group in groups.values():  # uncounted: a flag, not part of the method's traffic
+            flag = finite.to(torch.int32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+            finite = flag[0].bool()
+        return bool(finite)
 
     def refuse_flattened(self) -> None:
         """DeepSpeed ZeRO stages >= 1 hand the optimizer 1-D flat partitions in place of the matrices it
@@ -381,7 +441,7 @@ class LowRankAdamW(Optimizer):
             self.refresh_projector(group, p, state, grad, index, shard)
         side = state["side"]
         basis = self.basis_of(state, shape, grad.dtype, grad.device, shard)
-        low = self.projected_gradient(p, grad, basis, side, shard)
+        low = self.project(grad, basis, side, shard)
         if "exp_avg" not in state:
             state["exp_avg"] = self.low_rank_state(low, side, shard)
             state["exp_avg_sq"] = self.low_rank_state(low, side, shard)
@@ -420,7 +480,7 @@ class LowRankAdamW(Optimizer):
     def stats(self) -> dict:
         """This rank's optimizer-state bytes and the collectives its sharded steps issued so far
         (bytes sent per rank and calls, by kind; all zero for unsharded parameters)."""
-        return {"state_bytes": self.state_bytes(), **self.comm.stats()}
+        return {"state_bytes": self.state_bytes(), "skipped_steps": self.skipped_steps, **self.comm.stats()}
 
 
 # ---------------------------------------------------------------------------------------- GaLore
@@ -445,7 +505,8 @@ class GaLoreAdamW(LowRankAdamW):
     """
 
     method = "galore"
-    group_defaults = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "projector": "svd", "seed": 0}
+    group_defaults = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "projector": "svd", "seed": 0,
+                      "svd_signs": "align"}
 
     def low_rank_step(self, group, p, state, index, shard=None):
         _, basis, side, _, direction = self.projected_adam(group, p, state, index, shard)
@@ -471,7 +532,7 @@ class FiraAdamW(LowRankAdamW):
     method = "fira"
     aliases = {"scale": "alpha"}
     group_defaults = {"update_proj_gap": 200, "alpha": 0.25, "proj_type": "std", "projector": "svd", "seed": 0,
-                      "residual": "paper"}
+                      "residual": "paper", "svd_signs": "align"}
 
     def validate_group(self, group):
         super().validate_group(group)
@@ -486,6 +547,8 @@ class FiraAdamW(LowRankAdamW):
             low, direction = self.comm.all_gather_cols(low, shard), self.comm.all_gather_cols(direction, shard)
         axis = fira_axis((shard.shape[0], low.shape[1]) if shard is not None and side == pj.RIGHT else low.shape)
         in_subspace = pj.project_back(low, basis, side)
+        if id(p) in self.wire_in_subspace:  # the lowrank hook sent no residual: G is P R exactly
+            grad = in_subspace
         if group["residual"] == "reference":
             in_subspace = in_subspace * group["alpha"]
         residual = (grad - in_subspace) * fira_scaling(direction, low, axis)
@@ -526,7 +589,7 @@ class FrugalAdamW(LowRankAdamW):
     alias_values = {"signsgd": "sign_sgd", "none": "no"}
     group_defaults = {"density": 0.25, "update_proj_gap": 200, "proj_type": "std", "projector": "svd", "seed": 0,
                       "inactive_update_rule": "sign_sgd", "inactive_lr_scale": 1.0, "proj_params_lr_scale": 1.0,
-                      "reset_statistics": True, "block_order": "random"}
+                      "reset_statistics": True, "block_order": "random", "svd_signs": "align"}
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  **group_options):
@@ -543,6 +606,7 @@ class FrugalAdamW(LowRankAdamW):
                  group["inactive_update_rule"] in ("sign_sgd", "sgd", "no"), "'sign_sgd', 'sgd' or 'no'")
         _require("block_order", group["block_order"], group["block_order"] in ("random", "ascending", "descending"),
                  "'random', 'ascending' or 'descending'")
+        _require("svd_signs", group["svd_signs"], group["svd_signs"] in pj.SVD_SIGNS, f"one of {pj.SVD_SIGNS}")
         if group["projector"] != "blocks":
             super().validate_group(group)
         else:
@@ -623,10 +687,10 @@ class FrugalAdamW(LowRankAdamW):
                 reset_moments(state)
         side = state["side"]
         basis = self.basis_of(state, shape, grad.dtype, grad.device, shard)
-        low = self.projected_gradient(p, grad, basis, side, shard)
+        low = self.project(grad, basis, side, shard)
         adam = self.adam_part(group, state, low, lambda: self.low_rank_state(low, side, shard))
         pl.add_(self.project_back(adam, basis, side, shard).view_as(pl), alpha=-lr)
-        rest = self.state_free(group, grad - self.project_back(low, basis, side, shard))
+        rest = self.state_free(group, self.residual_of(p, grad, low, basis, side, shard))
         if rest is not None:
             pl.add_(rest.view_as(pl), alpha=-lr * group["inactive_lr_scale"])
         state["step"] += 1

@@ -59,6 +59,52 @@ def svd_basis(grad: torch.Tensor, rank: int, side: int) -> torch.Tensor:
     return basis.to(grad.dtype)
 
 
+SVD_SIGNS = ("align", "raw")
+
+
+def basis_vectors(basis: torch.Tensor, side: int) -> torch.Tensor:
+    """The basis vectors as rows (r x dim): a right basis as it is, a left one transposed."""
+    return basis if side == RIGHT else basis.t()
+
+
+def sign_flips(dots: torch.Tensor) -> torch.Tensor:
+    """+1 or -1 per vector: -1 where ``dots`` is negative (0 keeps the sign)."""
+    return torch.where(dots < 0, -torch.ones_like(dots), torch.ones_like(dots))
+
+
+def canonical_sign_dots(basis: torch.Tensor, side: int) -> torch.Tensor:
+    """Per vector, its entry of largest magnitude (first on ties): flipping each vector by the sign
+    of it makes the basis independent of the SVD routine's arbitrary signs."""
+    vectors = basis_vectors(basis, side)
+    picked = vectors.abs().argmax(dim=1, keepdim=True)
+    return vectors.gather(1, picked).squeeze(1)
+
+
+def alignment_dots(basis: torch.Tensor, previous: torch.Tensor, side: int) -> torch.Tensor:
+    """``<b_i, p_i>`` per vector: the new basis vector against the previous one of the same index
+    (on a shard's left side: over this rank's rows, to be summed across ranks)."""
+    return (basis_vectors(basis, side).float() * basis_vectors(previous, side).float()).sum(dim=1)
+
+
+def apply_flips(basis: torch.Tensor, flips: torch.Tensor, side: int) -> torch.Tensor:
+    flips = flips.to(basis.dtype)
+    return basis * flips[:, None] if side == RIGHT else basis * flips[None, :]
+
+
+def align_signs(basis: torch.Tensor, previous: torch.Tensor | None, side: int) -> torch.Tensor:
+    r"""Stable singular vectors: each vector of a refreshed SVD basis flipped to point like the
+    previous basis's vector of the same index (canonical signs on the first refresh).
+
+    Singular vectors are defined up to sign, and an SVD routine picks them arbitrarily: a rounding
+    difference in the gradient can flip one. GaLore carries Adam's moments across a refresh, so a
+    flipped vector turns the carried moment against the new projected gradient; aligning makes the
+    trajectory a continuous function of the gradients (``projector="svd"`` with
+    ``svd_signs="align"``, the default; ``"raw"`` keeps the routine's signs, as galore-torch does)."""
+    if previous is None or previous.shape != basis.shape:
+        return apply_flips(basis, sign_flips(canonical_sign_dots(basis, side)), side)
+    return apply_flips(basis, sign_flips(alignment_dots(basis, previous, side)), side)
+
+
 def random_basis(shape: tuple[int, int], rank: int, side: int, seed: int, dtype=torch.float32,
                  device=None) -> torch.Tensor:
     """A random orthonormal basis from ``seed`` alone (QR of a Gaussian): equal on every rank."""

@@ -11,7 +11,8 @@ project ``R``                 ``G_i Bᵀ``: local               ``sum_i A_iᵀ G
                                                               ``r n`` by columns, every step
 Adam moments                  ``m_i x r``: sharded like W     ``r x n/W`` columns: sharded
 back-project                  ``N_i B``: local                all-gather ``N`` (``r n``), ``A_i N``
-refresh ``svd``               all-gather ``G`` (``m n``)      all-gather ``G`` (``m n``)
+refresh ``svd``               all-gather ``G`` (``m n``)      all-gather ``G`` (``m n``), then an
+                                                              all-reduce of ``r`` sign-alignment dots
 refresh ``dct``               all-reduce of ``n`` scores      all-gather ``G`` (``m n``)
 refresh ``random``            none (seeded)                   none (seeded, own rows kept)
 ============================  ==============================  =====================================

@@ -94,7 +94,8 @@ def test_galore_collectives_are_the_documented_ones(projector):
     extra_gather = {"svd": (left + right) * refreshes, "dct": left * refreshes, "random": 0}[projector]
     assert calls["reduce_scatter"] == left * steps
     assert calls["all_gather"] == left * steps + extra_gather
-    assert calls["all_reduce"] == (right * refreshes if projector == "dct" else 0)
+    # dct: the right side's scores; svd: the left side's r sign-alignment dots after the first refresh
+    assert calls["all_reduce"] == {"dct": right * refreshes, "svd": left * (refreshes - 1), "random": 0}[projector]
 
 
 class _App:

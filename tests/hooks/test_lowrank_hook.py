@@ -178,3 +178,147 @@ def test_compressed_residual_with_error_feedback():
     matrices = 20 * 12 + 6 * 20 + 3 * 6
     projected = 4 * (20 * 2 + 2 * 20 + 2 * 6 + 20 + 6 + 3)
     assert projected < sent[1] < projected + matrices // 8 + 3 * 8 + 3 * 4 + 64  # + sign bits and scales
+
+
+# ------------------------------------------------------------------------------------------------ rule 9
+RECIPES = ("clip", "scaler", "scale")
+
+
+def _recipe_run(rank, world, method, projector, through_hook, recipe, residual="exact", options=None,
+                coefficients=None):
+    """Steps as real recipes take them: clip_grad_norm_(0.01) every step ("clip"); a GradScaler
+    whose step 1 overflows on rank 1, unscale_ then clipping ("scaler"); or the gradient halved after
+    backward, as accumulation scaling does ("scale"). ``coefficients``: multiply by these recorded
+    clip coefficients instead of clipping (to replay another run's clipping on dense DDP).
+    Returns (parameters, skipped steps, clip coefficients)."""
+    model = Net()
+    ddp = DDP(model)
+    opt = make_optimizer(model, method, projector)
+    for group in opt.param_groups[1:]:
+        group.update(options or {})
+    if through_hook:
+        state, hook = hooks.make("lowrank", optimizer=opt, model=model, residual=residual)
+        ddp.register_comm_hook(state, hook)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2) if recipe == "scaler" else None
+    skipped, used = 0, []
+
+    def clip(step):
+        if coefficients is None:
+            total = nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+            used.append(torch.clamp(0.01 / (total + 1e-6), max=1.0))
+        else:
+            for p in model.parameters():
+                p.grad.mul_(coefficients[step])
+
+    for step in range(STEPS):
+        x, y = batch(10 * step, rank)
+        loss = nn.functional.mse_loss(ddp(x), y)
+        if scaler is not None:
+            if step == 1 and rank == 1:
+                loss = loss * float("inf")  # one rank overflows, as a GradScaler's first steps do
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            clip(step)
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            skipped += scaler.get_scale() < before
+        else:
+            loss.backward()
+            if recipe == "clip":
+                clip(step)
+            else:
+                for p in model.parameters():
+                    p.grad.mul_(0.5)
+            opt.step()
+        opt.zero_grad()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), skipped, used
+
+
+def _galore_recipes(rank, world, recipe):
+    out = {}
+    for projector in ("svd", "dct", "random"):
+        hooked = _recipe_run(rank, world, "galore", projector, True, recipe)
+        # clip_grad_norm_ measures the gradient it is given: through the hook that is P R (the
+        # norm of the averaged full gradient is no function of the projected payloads), so dense
+        # DDP replays the hook run's coefficients; unscaling and accumulation scaling are the same
+        dense = _recipe_run(rank, world, "galore", projector, False, recipe, coefficients=hooked[2] or None)
+        out[projector] = dense[:2], hooked[:2]
+    return out
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_galore_through_hook_sees_what_the_user_did_to_p_grad(recipe):
+    """Clipping, GradScaler unscaling (with an overflow on one rank) and accumulation scaling
+    between backward() and step() reach GaLore's update through the hook exactly as the same
+    scaling of the gradient does over dense DDP (relative 1e-5, every projector; the clip
+    coefficient is the one clip_grad_norm_ computed from the p.grad the hook left), and the
+    overflow is skipped on every rank by both."""
+    results = run_world(_galore_recipes, 2, args=(recipe,))
+    for projector in ("svd", "dct", "random"):
+        (dense, dense_skips), (hooked, hooked_skips) = results[0][projector]
+        assert torch.equal(hooked, results[1][projector][1][0])  # ranks identical
+        assert float((hooked - dense).abs().max() / dense.abs().max()) <= 1e-5, projector
+        assert dense_skips == hooked_skips == (1 if recipe == "scaler" else 0)
+        assert torch.isfinite(hooked).all()
+
+
+def _residual_recipes(rank, world):
+    from commlib.compress import Identity
+
+    out = {}
+    for method in ("fira", "frugal"):
+        dense = _recipe_run(rank, world, method, "dct", False, "clip")[0]
+        exact = _recipe_run(rank, world, method, "dct", True, "clip")[0]
+        identity = _recipe_run(rank, world, method, "dct", True, "clip", residual=Identity())[0]
+        out[method] = dense, exact, identity
+    # residual="none": the out-of-subspace part is exactly zero, whatever clipping did to p.grad
+    out["none"] = {m: _step_directions(rank, world, m) for m in ("fira", "frugal")}
+    return out
+
+
+def _step_directions(rank, world, method):
+    """Through the hook with residual='none' and clipping, how far each projected step of each
+    matrix leaves the subspace: ||(I - P Pᵀ) dW|| / ||dW||."""
+    from commlib.optim import projectors as pj
+
+    model = Net()
+    ddp = DDP(model)
+    opt = make_optimizer(model, method, "dct")
+    state, hook = hooks.make("lowrank", optimizer=opt, model=model, residual="none")
+    ddp.register_comm_hook(state, hook)
+    ratios = []
+    for step in range(STEPS):
+        x, y = batch(10 * step, rank)
+        nn.functional.mse_loss(ddp(x), y).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+        matrices = [m.weight for m in (model.a, model.b, model.c)]
+        planned = [opt.wire_projection(w) for w in matrices]
+        before = [w.detach().clone() for w in matrices]
+        opt.step()
+        opt.zero_grad()
+        for w, old, plan in zip(matrices, before, planned):
+            if plan is None:
+                continue  # a refresh step: averaged densely, the residual is real
+            basis, side = plan
+            delta = w.detach() - old
+            outside = delta - pj.project_back(pj.project(delta, basis, side), basis, side)
+            ratios.append(float(outside.norm() / delta.norm()))
+    return ratios
+
+
+def test_residual_methods_under_clipping():
+    """Fira and FRUGAL with clipping every step: residual='exact' and an Identity-compressed residual
+    equal dense DDP (the delivered gradient is the whole mean, so clip_grad_norm_ measures the same
+    norm); residual='none' never steps out of the subspace, neither along the rounding noise of
+    G - P Pᵀ G (whose sign FRUGAL's state-free rule would follow at full step size) nor along the
+    (c - 1) P R that a stored R left after clipping."""
+    out = run_world(_residual_recipes, 2)[0]
+    for method in ("fira", "frugal"):
+        dense, exact, identity = out[method]
+        scale = float(dense.abs().max())
+        assert float((exact - dense).abs().max()) / scale <= 1e-5, method
+        assert float((identity - dense).abs().max()) / scale <= 1e-5, method
+        ratios = out["none"][method]
+        assert len(ratios) == 3 * 4  # 3 matrices x the 4 non-refresh steps of 7
+        assert max(ratios) <= 1e-5, (method, ratios)
