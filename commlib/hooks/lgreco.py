@@ -34,11 +34,14 @@ class LGreCoMixin:
 
     Every ``retune_every`` steps (the first time at ``start_iter``, from the warm-up gradients),
     each rank's finite local gradients of the last ``accumulate_steps`` steps are summed,
-    all-reduced (so every rank holds identical tensors; a non-finite sum keeps the old plan), and for every layer and candidate setting the error
+    all-reduced (so every rank holds identical tensors; a non-finite sum keeps the old plan), and for
+    every layer and candidate setting the error
     ``E[l, k]`` and bytes ``S[l, k]`` are computed; the DP of :mod:`commlib.hooks.lgreco_solver`
     then picks one setting per layer minimising bytes with total error <= ``alpha`` x the uniform
     default's. Rank 0's plan is broadcast as an int tensor. Warm-start ``Q`` (resized) and
-    error-feedback buffers carry over a retune.
+    error-feedback buffers carry over a retune. Overflow (rule 7): a layer whose gradient any rank
+    saw non-finite in the window is left out of the retune on every rank, agreed by a flag per
+    layer all-reduced before the sum (:meth:`agreed_layers`); it keeps its setting.
     """
 
     def _init_lgreco(self, family, candidates, default, alpha, retune_every, accumulate_steps, error_buckets):
@@ -66,6 +69,7 @@ class LGreCoMixin:
         self.error_buckets = error_buckets
         self.plan: dict[str, int] = {}  # parameter -> candidate index
         self.accumulated: dict[str, torch.Tensor] = {}
+        self.tainted: set[str] = set()  # layers this rank saw overflow since the last retune
         self.grad_dtypes: dict[str, torch.dtype] = {}
         self.history: list[dict] = []
         self.next_retune = -1  # set to start_iter once the base state exists
@@ -77,10 +81,18 @@ class LGreCoMixin:
         if not self.next_retune - self.accumulate_steps <= step < self.next_retune:
             return
         for v in views:
-            if v.grad.dim() > 1 and bool(torch.isfinite(v.grad).all()):  # an overflowed step teaches nothing
-                self.grad_dtypes[v.key] = v.grad.dtype
-                acc = self.accumulated.get(v.key)
-                self.accumulated[v.key] = v.grad.float().clone() if acc is None else acc.add_(v.grad)
+            if v.grad.dim() <= 1:
+                continue
+            # every rank keeps the same keys (a layer's sum may stay zero); a layer this rank saw
+            # overflow is marked, and the retune drops it on every rank (agreed before the sum)
+            self.grad_dtypes[v.key] = v.grad.dtype
+            acc = self.accumulated.get(v.key)
+            if acc is None:
+                acc = self.accumulated[v.key] = torch.zeros(v.grad.shape, dtype=torch.float32, device=v.grad.device)
+            if bool(torch.isfinite(v.grad).all()):
+                acc.add_(v.grad)
+            else:  # an overflowed step teaches nothing
+                self.tainted.add(v.key)
 
     def prepare(self, comm: Comm, step: int) -> None:
         if self.next_retune < 0:
@@ -91,7 +103,7 @@ class LGreCoMixin:
     # ------------------------------------------------------------------ the retune
     def retune(self, comm: Comm, step: int) -> None:
         start = time.perf_counter()
-        keys = sorted(self.accumulated)
+        keys = self.agreed_layers(comm, step)
         flat = torch.cat([self.accumulated[k].reshape(-1) for k in keys]) if keys else None
         if flat is not None:
             comm.all_reduce(flat)
@@ -122,8 +134,34 @@ class LGreCoMixin:
                 "choices": {k: self.setting_of(k) for k in keys},
             })
         self.accumulated = {}
+        self.tainted = set()
         while self.next_retune <= step:
             self.next_retune += self.retune_every
+
+    def agreed_layers(self, comm: Comm, step: int) -> list[str]:
+        """The layers whose statistics count in this retune, the same list on every rank (rule 7):
+        every rank accumulated the same keys (checked), and a layer any rank saw overflow is dropped
+        everywhere (a flag per layer, all-reduced before the sum whose length depends on it). A
+        dropped layer keeps its current setting."""
+        keys = sorted(self.accumulated)
+        counts = torch.tensor([len(keys), -len(keys)], dtype=torch.int64, device=self._flag_device())
+        if comm.world_size > 1:
+            from commlib.comm.queue import _collective
+
+            _collective(torch.distributed.all_reduce, counts, op=torch.distributed.ReduceOp.MAX, group=comm.group)
+        if int(counts[0]) != -int(counts[1]):
+            raise RuntimeError(f"L-GreCo retune at step {step}: the ranks accumulated statistics of different "
+                               f"numbers of layers ({-int(counts[1])} to {int(counts[0])}; this rank {len(keys)})")
+        if not keys:
+            return []
+        flags = torch.tensor([k in self.tainted for k in keys], dtype=torch.float32, device=self._flag_device())
+        comm.all_reduce(flags)
+        self.count_bytes(flags.numel() * flags.element_size(), 0)
+        return [k for k, bad in zip(keys, flags.tolist()) if bad == 0]
+
+    def _flag_device(self):
+        any_acc = next(iter(self.accumulated.values()), None)
+        return any_acc.device if any_acc is not None else "cpu"
 
     def candidate_table(self, grad: torch.Tensor, dtype: torch.dtype) -> tuple[list[float], list[float]]:
         """Errors and bytes (for gradients of ``dtype``) of every candidate on one layer's accumulated gradient."""
@@ -187,12 +225,14 @@ class LGreCoMixin:
         out = super().buffers_state()
         out["lgreco"] = self.lgreco_state()
         out["lgreco_accumulated"] = dict(self.accumulated)  # local sums before the retune's all-reduce
+        out["lgreco_tainted"] = "\n".join(sorted(self.tainted))
         return out
 
     def load_buffers_state(self, buffers: dict) -> None:
         super().load_buffers_state(buffers)
         self.load_lgreco_state(buffers["lgreco"])
         self.accumulated = dict(buffers["lgreco_accumulated"])
+        self.tainted = set(filter(None, (buffers.get("lgreco_tainted") or "").split("\n")))
 
 
 class LGreCoPowerSGDState(LGreCoMixin, PowerSGDState):
@@ -211,7 +251,7 @@ class LGreCoPowerSGDState(LGreCoMixin, PowerSGDState):
     """
 
     name = "lgreco"
-    per_rank_buffers = PowerSGDState.per_rank_buffers + ("lgreco_accumulated",)
+    per_rank_buffers = PowerSGDState.per_rank_buffers + ("lgreco_accumulated", "lgreco_tainted")
 
     def __init__(self, process_group=None, *, candidates=None, alpha: float = 1.0, retune_every: int = 500,
                  accumulate_steps: int = 10, error_buckets: int = 10_000, **kwargs):
@@ -254,7 +294,7 @@ class LGreCoEFState(LGreCoMixin, ErrorFeedbackState):
     """
 
     name = "lgreco"
-    per_rank_buffers = ErrorFeedbackState.per_rank_buffers + ("lgreco_accumulated",)
+    per_rank_buffers = ErrorFeedbackState.per_rank_buffers + ("lgreco_accumulated", "lgreco_tainted")
 
     def __init__(self, process_group=None, *, family: str = "topk", density: float = 0.01, bits: int = 4,
                  bucket_size: int = 512, exact: bool = True, candidates=None, alpha: float = 1.0,

@@ -8,7 +8,7 @@ from conftest import run_world
 
 from commlib import compress, hooks
 
-from .ddp_harness import Net, build, flat_params, sgd_steps, train
+from .ddp_harness import Net, batch, build, flat_params, sgd_steps, train
 
 SMALL_BUCKETS = {"bucket_cap_mb": 0.004}  # ~1000 floats: the test net spans several buckets
 
@@ -320,3 +320,44 @@ def test_lgreco_plan_reaches_tensorboard(tmp_path):
         last = events.Scalars(f"lgreco/{key}")[-1]
         assert last.step == 8 and last.value == float(value)
     assert events.Scalars("lgreco/bytes_ratio_vs_uniform")[-1].value >= 1.0
+
+
+# ------------------------------------------------------------------------------------------------ rule 7
+def _lgreco_scaler_overflow(rank, world_size, family):
+    """A GradScaler whose step 1 overflows in one layer on the last rank only, inside L-GreCo's
+    statistics window (retune at step 2 from step 1's gradients, then every 4 steps)."""
+    opts = {"powersgd": {"rank": 2}, "topk": {"density": 0.05}, "qsgd": {"bits": 4, "bucket_size": 64}}[family]
+    model, ddp, state = build("lgreco", dict(opts, family=family, retune_every=4, accumulate_steps=1), SMALL_BUCKETS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    blown = []
+    if rank == world_size - 1:
+        model.mid1.weight.register_hook(lambda g: g * float("inf") if blown[-1] == 1 else g)
+    skipped = []
+    for step in range(8):
+        blown.append(step)
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(ddp(x), y)).backward()
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        skipped.append(scaler.get_scale() < before)
+    return flat_params(model), skipped, state.stats()["lgreco"], state.history
+
+
+@pytest.mark.parametrize("family", ["topk", "powersgd", "qsgd"])
+def test_lgreco_overflow_on_one_rank_trains_on_with_identical_ranks(family):
+    """Each rank used to sum only its own finite layers, so the retune's all-reduce differed in
+    length ("Received data size doesn't match expected size" on gloo). Now the layer is left out on
+    every rank by an all-reduced flag, the GradScaler still sees the overflow (step 1 skipped on
+    every rank), and training goes on with identical ranks and one plan."""
+    out = run_world(_lgreco_scaler_overflow, 3, kwargs=dict(family=family))
+    for params, skipped, stats, history in out:
+        assert skipped == [step == 1 for step in range(8)]
+        assert torch.isfinite(params).all()
+        assert torch.equal(params, out[0][0])
+        assert stats["plan"] == out[0][2]["plan"]
+        first = history[0]
+        assert first["step"] == 2 and "mid1.weight" not in first["choices"]  # dropped from the step-2 retune
+        assert "mid1.weight" in history[1]["choices"]  # and back in the next one
