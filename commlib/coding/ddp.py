@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from commlib.coding.codes import GradientCode
+from commlib.comm.agree import agree_across_ranks
 
 
 def coded_loss(code: GradientCode, rank: int, part_losses: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -66,6 +67,8 @@ class GradientCodingState:
             if self.code.n != world:
                 raise ValueError(f"code.n ({self.code.n}) must equal the world size ({world})")
             self.rank = dist.get_rank(self.group)
+            agree_across_ranks({"method": self.name, "code": type(self.code).__name__,
+                                "B": np.asarray(self.code.B).round(12).tolist()}, self.group, "commlib gc hook")
         return self
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from commlib.comm.agree import agree_across_ranks
 from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm, OrderedQueue
 from commlib.hooks.state import HookState, strip_ddp_prefix
@@ -187,6 +188,10 @@ class AGVMState:
                                 for r in self.half_ranks]
             self.my_half = 0 if self.rank < half else 1
             self._param_names = {id(p): strip_ddp_prefix(n) for n, p in self.model.named_parameters()}
+            agree_across_ranks({"method": self.name, "options": self.options(), "use_adam": self.use_adam,
+                                "groups": self.group_names,
+                                "assignment": sorted([str(k), str(v)] for k, v in self.group_of.items())},
+                               self.queue.group, "commlib agvm hook")
             if hasattr(self.inner_state, "bind"):
                 self.inner_state.bind()
         return self

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from commlib.comm.agree import agree_across_ranks
 from commlib.comm.patterns import allreduce_mean_, split_like
 from commlib.comm.queue import Comm, OrderedQueue, PeerFailure, carrying_errors, future_for
 from commlib.compress.base import derive_seed, tensor_is_finite
@@ -161,12 +162,25 @@ class HookState:
                                       datetime.timedelta(seconds=self.timeout) if self.timeout else None)
             if self.model is not None:
                 self._keys = {id(p): strip_ddp_prefix(n) for n, p in self.model.named_parameters()}
+            agree_across_ranks(self.agreement_fields(), self.queue.group, f"commlib {self.name} hook")
             self.on_bind()
             if self._pending_load is not None:
                 state, policy = self._pending_load
                 self._pending_load = None
                 self._apply_load(state, policy)
         return self
+
+    def agreement_fields(self) -> dict:
+        """What every rank must configure alike (rule 7), checked once at :meth:`bind`: method,
+        options (compressor configuration and seed included), seed, warm-up, keying and, with
+        ``model=``, the parameter layout. A position-keyed layout is compared when loaded states
+        are (see :meth:`load_state_dict`)."""
+        layout = None
+        if self.model is not None:
+            layout = [[strip_ddp_prefix(n), list(p.shape), str(p.dtype)] for n, p in self.model.named_parameters()
+                      if p.requires_grad]
+        return {"method": self.name, "options": self.options(), "seed": self.seed, "start_iter": self.start_iter,
+                "keyed_by": self.keyed_by, "layout": layout}
 
     def on_bind(self) -> None:
         """Subclasses: checks and buffers that need the world size (runs once, in :meth:`bind`)."""
@@ -521,6 +535,10 @@ class HookState:
         differ = options_differ(mine["options"], self.options())
         if differ:
             return f"{self.name} hook state was saved with other options: {differ}"
+        for field in ("seed", "start_iter"):  # the random choices and the warm-up of a resumed run
+            if field in mine and int(mine[field]) != getattr(self, field):
+                return (f"{self.name} hook state was saved with {field}={mine[field]}, this state has "
+                        f"{field}={getattr(self, field)}: a resumed run would not continue the saved one")
         saved = {k: list(v) for k, v in mine["params"].items()}
         if saved and not self._layout_open and saved != self.param_shapes:  # this state has seen its model
             differ = sorted(k for k in set(saved) | set(self.param_shapes) if saved.get(k) != self.param_shapes.get(k))
