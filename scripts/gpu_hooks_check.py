@@ -104,8 +104,61 @@ def main() -> int:
         row["ok"] = ok
         failures += not ok
         print(json.dumps(row), flush=True)
+    failures += not resume_from_a_host_checkpoint(device)
     dist.destroy_process_group()
     return 1 if failures else 0
+
+
+def resume_from_a_host_checkpoint(device) -> bool:
+    """Hook state saved, loaded with ``map_location="cpu"`` into a fresh state, training goes on on
+    ``device``: the buffers must follow the gradients (PowerSGD's fused kernels would otherwise get
+    host pointers), and the run must continue as the unbroken one does."""
+    import io
+
+    def run(steps, load=None):
+        model = model_on(device)
+        ddp = DDP(model, device_ids=[device.index]) if device.type == "cuda" else DDP(model)
+        state, hook = hooks.make("powersgd", rank=2, model=model)
+        if load is not None:
+            state.load_state_dict(torch.load(io.BytesIO(load[0]), map_location="cpu", weights_only=True))
+            model.load_state_dict(torch.load(io.BytesIO(load[1]), map_location="cpu", weights_only=True))
+        ddp.register_comm_hook(state, hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        g = torch.Generator(device=device).manual_seed(2)
+        saved = None
+        for step in range(steps[0], steps[1]):
+            g.manual_seed(100 + step)
+            loss = ddp(torch.randn(64, 256, device=device, generator=g)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step == 3 and load is None:
+                a, b = io.BytesIO(), io.BytesIO()
+                torch.save(state.state_dict(), a)
+                torch.save(model.state_dict(), b)
+                saved = (a.getvalue(), b.getvalue())
+        devices = sorted({t.device.type for t in _tensors(state.buffers_state())})
+        state.close()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), saved, devices
+
+    try:
+        full, saved, _ = run((0, 8))
+        resumed, _, devices = run((4, 8), load=saved)
+        row = {"check": "resume_from_host_checkpoint", "buffer_devices": devices,
+               "bit_identical": bool(torch.equal(full, resumed))}
+        row["ok"] = row["bit_identical"] and devices == [device.type]
+    except Exception as exc:
+        row = {"check": "resume_from_host_checkpoint", "error": f"{type(exc).__name__}: {exc}", "ok": False}
+    print(json.dumps(row), flush=True)
+    return row["ok"]
+
+
+def _tensors(tree):
+    if torch.is_tensor(tree):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
 
 
 if __name__ == "__main__":

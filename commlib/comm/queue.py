@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import queue
 import threading
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -139,6 +140,7 @@ class OrderedQueue:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self.group_destroyed = False
 
     @property
     def world_size(self) -> int:
@@ -195,16 +197,28 @@ class OrderedQueue:
         except Exception as exc:  # the store's host (rank 0's process under torchrun) is gone too
             return f"the rendezvous store is unreachable too ({type(exc).__name__}): its host is likely down"
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Finish the queued jobs, stop the thread and destroy the private group (idempotent)."""
+    def close(self, timeout: float = 30.0) -> bool:
+        """Finish the queued jobs, stop the thread and destroy the private group (idempotent).
+
+        The group is destroyed only once the worker has stopped: a worker still inside a
+        collective after ``timeout`` seconds (a peer that stopped answering; the collective ends
+        at the group's own timeout) keeps its group, which is then left to the process's exit,
+        with a warning. Returns whether the group was destroyed."""
         with self._lock:
             thread, self._thread = self._thread, None
             closing, self._closed = not self._closed, True
         if thread is not None and thread.is_alive():
             self._jobs.put((None, None, None, None))
             thread.join(timeout)
-        if closing and dist.is_initialized():
+            if thread.is_alive():
+                warnings.warn(f"commlib: the hook's worker thread is still inside a collective after {timeout} s; "
+                              "its private process group is not destroyed while in use (it ends with the process)",
+                              RuntimeWarning, stacklevel=2)
+                return False
+        if closing and dist.is_initialized() and not self.group_destroyed:
             dist.destroy_process_group(self.group)
+            self.group_destroyed = True
+        return self.group_destroyed
 
     def _work(self) -> None:
         streams: dict[torch.device, torch.cuda.Stream] = {}  # the worker's own stream per device
@@ -212,17 +226,20 @@ class OrderedQueue:
             job, fut, device, ready = self._jobs.get()
             if job is None:  # close()
                 return
-            if device is None:
-                _run_and_settle(job, self.comm, fut)
-                continue
-            # current device and stream are per thread: set both here, on the worker
-            with torch.cuda.device(device):
-                if device not in streams:
-                    streams[device] = torch.cuda.Stream(device)
-                with torch.cuda.stream(streams[device]):
-                    streams[device].wait_event(ready)
-                    # set_result records the Future's event on this thread's current stream: ours
+            try:
+                if device is None:
                     _run_and_settle(job, self.comm, fut)
+                    continue
+                # current device and stream are per thread: set both here, on the worker
+                with torch.cuda.device(device):
+                    if device not in streams:
+                        streams[device] = torch.cuda.Stream(device)
+                    with torch.cuda.stream(streams[device]):
+                        streams[device].wait_event(ready)
+                        # set_result records the Future's event on this thread's current stream: ours
+                        _run_and_settle(job, self.comm, fut)
+            except BaseException as exc:  # noqa: BLE001 - the worker outlives any failure, every Future settles
+                _settle_failed(fut, exc)
 
 
 def future_for(device: torch.device | None) -> torch.futures.Future:
@@ -232,6 +249,17 @@ def future_for(device: torch.device | None) -> torch.futures.Future:
     if device is not None and device.type == "cuda":
         return torch.futures.Future(devices=[device])
     return torch.futures.Future()
+
+
+def _settle_failed(fut: torch.futures.Future, exc: BaseException) -> None:
+    """Complete ``fut`` with ``exc`` unless it is already complete (backward() must never wait on
+    a Future nobody will settle)."""
+    if fut.done():
+        return
+    try:
+        fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+    except RuntimeError:  # completed meanwhile
+        pass
 
 
 def _run_and_settle(job, comm: Comm, fut: torch.futures.Future) -> None:

@@ -199,8 +199,8 @@ class AGVMState:
     def close(self) -> None:
         """Stop the threads and destroy the process groups of AGVM and its inner state."""
         if self.queue is not None:
-            self.queue.close()
-            for group in self.half_groups:
+            stopped = self.queue.close()
+            for group in self.half_groups if stopped else ():  # never destroy a group the worker may be in
                 if group is not None and dist.is_initialized():
                     dist.destroy_process_group(group)
             self.queue = None

@@ -129,6 +129,7 @@ class HookState:
         self.finiteness = finiteness
         self.per_layer: dict[str, dict] = {}
         self._held_buckets: list = []  # (buffer, views, Future) of the step so far (one_round_per_step)
+        self._check_buffer_device = False  # set by a load: move the buffers to the gradients' device
         self._heartbeat_step = -1
 
     # ------------------------------------------------------------------ binding and lifetime
@@ -263,10 +264,14 @@ class HookState:
         first = step != self._heartbeat_step
         self._heartbeat_step = step
 
+        device = views[0].grad.device if views else None
+
         def run(comm: Comm):
             start = time.perf_counter()
             if first:
                 self.queue.heartbeat(step)
+            if self._check_buffer_device and device is not None:
+                self.move_buffers_to(device)
             try:
                 self.prepare(comm, step)
                 self.observe(views, step)
@@ -524,6 +529,7 @@ class HookState:
             self.dense_until = self.step + self.start_iter
             self.resets += 1
         self.load_buffers_state(cloned_tensors(buffers))  # the state owns what it updates in place
+        self._check_buffer_device = True  # map_location="cpu" and a GPU run: moved at the first job
         self._expected_shapes = {k: list(v) for k, v in mine["params"].items()} or None
 
     def _unfit(self, mine: dict) -> str | None:
@@ -553,6 +559,15 @@ class HookState:
     def _any_rank(self, level: int) -> int:
         """The largest ``level`` over the ranks of the state's group (one tiny all-reduce)."""
         return any_rank_max(level, self.queue.group if self.queue is not None else self.process_group)
+
+    def move_buffers_to(self, device: torch.device) -> None:
+        """Put every buffer on ``device`` (the gradients'): a state loaded with
+        ``map_location="cpu"`` would otherwise hand host tensors to a CUDA kernel. Runs once, at the
+        first job after a load."""
+        self._check_buffer_device = False
+        buffers = self.buffers_state()
+        if any(t.device != torch.device(device) for t in tensors_of(buffers)):
+            self.load_buffers_state(tree_to(buffers, device))
 
     def buffers_state(self) -> dict:
         return {}
@@ -596,6 +611,24 @@ def cloned_tensors(tree):
         return tree.detach().clone()
     if isinstance(tree, dict):
         return {k: cloned_tensors(v) for k, v in tree.items()}
+    return tree
+
+
+def tensors_of(tree):
+    """Every tensor in a nested dict."""
+    if torch.is_tensor(tree):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from tensors_of(v)
+
+
+def tree_to(tree, device):
+    """A copy of a nested dict with every tensor on ``device``."""
+    if torch.is_tensor(tree):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: tree_to(v, device) for k, v in tree.items()}
     return tree
 
 
