@@ -67,6 +67,8 @@ class QuantizedAllGather(AllGather):
 
     def __init__(self, block_size: int = 256, pool: BufferPool | None = None):
         self.block_size = require_int("block_size", block_size, 8)
+        if self.block_size % 8:  # the float32 scales follow the int8 codes in one 8-byte aligned message
+            raise ValueError(f"block_size must be a multiple of 8 (>= 8), got {block_size!r}")
         self.pool = pool if pool is not None else BufferPool()
         self.bytes_sent = self.bytes_dense = 0
         self.total_bytes_sent = self.total_bytes_dense = 0

@@ -11,8 +11,11 @@ and FSDP module, with ``g`` this rank's ``(W, chunk)`` input and ``e`` its resid
   ``C(v[j])`` with ``v = g + e`` and keeps ``e' = v - D(C(v))`` (zero on its own row; stored in
   float32 or bfloat16).
 
-Each message also carries a 4-byte finite flag, so a non-finite gradient reaches ``.grad`` whatever
-the compressor drops (AMP's GradScaler sees the overflow); that rank's residual is then left as it was.
+Each message also carries a 4-byte finite flag of its row, so a non-finite gradient reaches ``.grad``
+whatever the compressor drops (AMP's GradScaler sees the overflow), and a 4-byte flag of the
+sender's whole input: every rank then knows whether any rank overflowed, without another collective,
+and on such a step every rank's shard is non-finite and every rank keeps its residual and warm
+starts as they were (decided alike on all ranks, not from one rank's local view).
 """
 
 from __future__ import annotations
@@ -140,27 +143,41 @@ class CompressedReduceScatter(ReduceScatter):
         finite = not bool(flags.ne(0).any())  # NaN != 0 too
         v = rows.float()
         if state.residual_dtype is not None:
-            if self.residual is None or self.residual.shape != rows.shape:
+            if self.residual is None:
                 self.residual = torch.zeros(rows.shape, dtype=state.residual_dtype, device=rows.device)
+            elif self.residual.shape != rows.shape:  # a load checks this; never re-zero silently
+                raise RuntimeError(f"fsdp_compress: module {self.name or 'root'!r} has a residual of shape "
+                                   f"{tuple(self.residual.shape)} for a reduce-scatter of {tuple(rows.shape)}")
+            elif self.residual.device != rows.device:  # loaded with map_location="cpu"
+                self.residual = self.residual.to(rows.device)
             v = v + self.residual.float()
         shared = state.shared_seed
         # my own row never travels: it enters my sum exactly and is only compressed when its payload
         # carries the context (random-k's indices) needed to decode what the others send me
+        warm_q = dict(self.warm_q)  # committed only if every rank's input was finite
         payloads = compress_rows(v, state.compressor, segments, self.row_seeds(rank, world, shared),
-                                 self.warm_q if finite else dict(self.warm_q), skip=None if shared else rank)
-        if state.residual_dtype is not None and finite:
-            decoded = torch.stack([v[j] if j == rank else decode_row(payloads[j], state.compressor, segments, chunk)
-                                   for j in range(world)])
-            self.residual.copy_(v - decoded)
+                                 warm_q, skip=None if shared else rank)
         template = payloads[rank] if payloads[rank] is not None else payloads[(rank + 1) % world]
-        # a message: the finite flag (8 aligned bytes), then the payload's wire tensors
+        # a message: the row's finite flag and the sender's whole-input flag (8 aligned bytes), then
+        # the payload's wire tensors
         size = codec.ALIGN + codec.message_bytes(template)
         send, recv = self.message_buffers(world, size, rows.device)
+        sender_flag = torch.tensor([0.0 if finite else 1.0], dtype=torch.float32, device=rows.device)
         for j in range(world):
             send[j, :4].copy_(flags[j].reshape(1).view(torch.uint8))
+            send[j, 4:8].copy_(sender_flag.view(torch.uint8))
             if j != rank:
                 codec.pack(payloads[j], send[j, codec.ALIGN :])
         state.all_to_all(recv, send, group)
+        # every rank's whole-input verdict arrived with its message: the same answer everywhere,
+        # without another collective (rule 5 on all ranks, rule 7: the decision is agreed)
+        everyone_finite = finite and not bool(recv[:, 4:8].contiguous().view(torch.float32).ne(0).any())
+        if everyone_finite:
+            self.warm_q = warm_q
+        if state.residual_dtype is not None and everyone_finite:
+            decoded = torch.stack([v[j] if j == rank else decode_row(payloads[j], state.compressor, segments, chunk)
+                                   for j in range(world)])
+            self.residual.copy_(v - decoded)
         # what the other ranks sent me: row `rank` of their buffers, shaped like my own row `rank`
         exact_out = output_tensor.dtype == torch.float32 and output_tensor.is_contiguous()
         total = output_tensor.copy_(v[rank]) if exact_out else v[rank].clone()
@@ -171,7 +188,9 @@ class CompressedReduceScatter(ReduceScatter):
                 decode_add_(total, codec.unpack(recv[i, codec.ALIGN :], template), state.compressor, segments)
         if average:
             total /= world
-        if bool(poison != 0):
+        if not everyone_finite and not bool(poison != 0):
+            poison.fill_(float("nan"))  # another rank's row overflowed: every shard shows it
+        if bool(poison != 0) or bool(poison.isnan()):
             total.add_(poison)
         if not exact_out:
             output_tensor.copy_(total)
@@ -179,7 +198,7 @@ class CompressedReduceScatter(ReduceScatter):
         self.bytes_sent, self.bytes_dense = (world - 1) * size, (world - 1) * dense
         self.total_bytes_sent += self.bytes_sent
         self.total_bytes_dense += self.bytes_dense
-        self.skipped_steps += 0 if finite else 1
+        self.skipped_steps += 0 if everyone_finite else 1
         self.step += 1
         self.seconds = time.perf_counter() - started
         return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
@@ -139,7 +141,7 @@ class GradientCompression:
         check_format(state, self.name)
         rank, world = self._rank_world()
         mine, problems = pick_rank_state(state, rank, world, self.name)
-        fatal = self._unfit(mine)
+        fatal = self._unfit(mine) or (None if problems else self._misshapen(mine, world))
         worst = any_rank_max(2 if fatal else 1 if problems else 0, self.process_group)
         if fatal:
             raise ValueError(fatal)
@@ -165,6 +167,19 @@ class GradientCompression:
                 owner, j, s = name.rsplit("/", 2)
                 if owner == key:
                     c.warm_q[(int(j), int(s))] = q.clone()
+
+    def _misshapen(self, mine: dict, world: int) -> str | None:
+        """A saved residual whose shape is not this module's ``(world, chunk)`` (``chunk``: the sum
+        of its padded shard sizes) would be re-zeroed at the first step: refuse it instead."""
+        for c in self.comms:
+            saved = mine["buffers"]["residuals"].get(c.name or "root")
+            if saved is None or not c.param_shapes:
+                continue
+            chunk = sum(math.prod(shape) for shape in c.param_shapes)
+            if tuple(saved.shape) != (world, chunk):
+                return (f"fsdp_compress state: the residual saved for module {c.name or 'root'!r} has shape "
+                        f"{tuple(saved.shape)}, this model's is {(world, chunk)}: another model or sharding")
+        return None
 
     def _unfit(self, mine: dict) -> str | None:
         differ = options_differ(mine["options"], self.options())

@@ -167,17 +167,41 @@ def _nonfinite(rank, world):
         x[0, 0] = float("inf")
     loss_of(model, x, y).backward()
     finite = [bool(torch.isfinite(p.grad.to_local()).all()) for p in model.parameters()]
-    kept = torch.equal(before["0"], state.comms[1].residual) if rank == 1 else None  # module "0": the first Linear
+    kept = torch.equal(before["0"], state.comms[1].residual)  # module "0": the first Linear
     return finite, kept, state.stats()["skipped_steps"]
 
 
 def test_nonfinite_gradient_reaches_every_rank():
     """An inf in rank 1's input: random-k keeps 10% of the values, yet every shard of the weight of the
-    first layer is non-finite (GradScaler's check sees it) and rank 1's residual of that layer is left as it was."""
-    for rank, (finite, kept, skipped) in enumerate(run_world(_nonfinite, 2)):
+    first layer is non-finite on every rank (GradScaler's check sees it), and every rank, not only
+    rank 1, leaves that layer's residual as it was (the verdict travels with the messages)."""
+    for finite, kept, skipped in run_world(_nonfinite, 2):
         assert not finite[0]
-        if rank == 1:
-            assert kept and skipped == 1
+        assert kept
+        assert skipped == 1
+
+
+def _residual_of_another_model(rank, world, path):
+    model = shard(mlp())
+    state = compress_gradients(model, Sign(), error_feedback=True)
+    x, y = local_batch(0, rank, world)
+    loss_of(model, x, y).backward()
+    saved = gather_state_dict(state)
+    first = saved[f"rank{rank}"]["buffers"]["residuals"]
+    key = sorted(first)[0]
+    first[key] = torch.zeros(first[key].shape[0], first[key].shape[1] + 8)  # another model's module
+    fresh = compress_gradients(shard(mlp()), Sign(), error_feedback=True)
+    try:
+        fresh.load_state_dict(saved)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_a_residual_of_another_shape_is_refused():
+    """It used to be re-zeroed silently at the first step."""
+    for message in run_world(_residual_of_another_model, 2, args=("",)):
+        assert message is not None and "has shape" in message
 
 
 def test_bad_arguments_raise_value_error():
@@ -191,6 +215,8 @@ def test_bad_arguments_raise_value_error():
         compress_gradients(torch.nn.Linear(2, 2), Identity())
     with pytest.raises(ValueError, match="block_size"):
         QuantizedAllGather(0)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        QuantizedAllGather(12)  # used to crash at the first gather
 
 
 def _divide_factor(rank, world, force_sum):
