@@ -47,6 +47,9 @@ class TopK(Compressor):
         return {"density": self.density, "exact": self.exact}
 
     def compress(self, tensor, *, seed=0):
+        if tensor.numel() >= 2**31:
+            raise ValueError(f"TopK: a tensor of {tensor.numel()} elements needs indices beyond int32 (the wire "
+                             "format); compress tensors of fewer than 2^31 elements (a smaller bucket_cap_mb)")
         k = topk_count(tensor.numel(), self.density)
         if tensor.dtype == torch.float64:  # the op covers the gradient dtypes; float64 (analysis, tests) sorts
             flat = tensor.reshape(-1)

@@ -187,6 +187,22 @@ def _check_pair(op: str, grad: torch.Tensor, residual: torch.Tensor | None) -> N
                f"{op}: residual must match grad's dtype, size and device, and be contiguous")
 
 
+def _check_devices(op: str, like: torch.Tensor, *others) -> None:
+    """Every tensor on ``like``'s device (a host tensor would hand the kernel a host pointer)."""
+    for t in others:
+        if t is not None:
+            _check(t.device == like.device, f"{op}: every tensor must be on {like.device}, got one on {t.device}")
+
+
+def _sign_scale_count(chunk_size: int, numel: int) -> int:
+    return 0 if numel == 0 else -(-numel // _chunk_of(chunk_size, numel))
+
+
+def _check_scales(op: str, scales: torch.Tensor, expected: int) -> None:
+    _check(scales.dtype == torch.float32 and scales.numel() == expected,
+           f"{op}: expected {expected} float32 scales, got {scales.numel()} of {scales.dtype}")
+
+
 def _check_qsgd(op: str, bits: int, bucket_size: int) -> None:
     _check(1 <= bits <= 8 and bucket_size >= 8 and bucket_size % 8 == 0, f"{op}: bad bits or bucket_size")
 
@@ -221,6 +237,7 @@ def sign_pack(x: torch.Tensor, chunk_size: int):
 
 def sign_unpack(packed, scales, numel: int, chunk_size: int, dtype: torch.dtype):
     _check(packed.is_cuda and scales.is_cuda, "commlib::sign_unpack: expected CUDA tensors")
+    _check_devices("commlib::sign_unpack", packed, scales)
     _check(packed.dtype == torch.int32 and scales.dtype == torch.float32,
            "commlib::sign_unpack: packed must be int32 and scales float32")
     _check(packed.numel() == (numel + 31) // 32, "commlib::sign_unpack: packed size does not match numel")
@@ -254,6 +271,7 @@ def qsgd_quantize(x: torch.Tensor, bits: int, bucket_size: int, seed: int):
 def qsgd_dequantize(codes, scales, bits: int, bucket_size: int, numel: int, dtype: torch.dtype):
     _check_qsgd("commlib::qsgd_dequantize", bits, bucket_size)
     _check(codes.is_cuda and scales.is_cuda, "commlib::qsgd_dequantize: expected CUDA tensors")
+    _check_devices("commlib::qsgd_dequantize", codes, scales)
     _check(codes.dtype == torch.uint8 and scales.dtype == torch.float32,
            "commlib::qsgd_dequantize: codes must be uint8 and scales float32")
     _check(codes.numel() == (numel + 7) // 8 * bits, "commlib::qsgd_dequantize: code bytes do not match numel")
@@ -289,6 +307,8 @@ def ef_sign_residual_(residual, grad, packed, scales, chunk_size: int, numel: in
     _check_pair("commlib::ef_sign_residual_", grad, residual)
     _check(packed.numel() == (numel + 31) // 32 and numel >= grad.numel() and packed.is_contiguous()
            and scales.is_contiguous(), "commlib::ef_sign_residual_: payload does not match numel")
+    _check_devices("commlib::ef_sign_residual_", grad, residual, packed, scales)
+    _check_scales("commlib::ef_sign_residual_", scales, _sign_scale_count(chunk_size, numel))
     n = grad.numel()
     if n:
         _launch("ef", _k("ef_sign_residual_kernel", _float_name(grad.dtype, "ef_sign_residual_")), grad.device,
@@ -300,6 +320,8 @@ def sign_unpack_into_(out, packed, scales, chunk_size: int, numel: int, dtype: t
     _check(out.is_cuda and out.is_contiguous() and out.numel() <= numel and packed.numel() == (numel + 31) // 32
            and packed.is_contiguous() and scales.is_contiguous(),
            "commlib::sign_unpack_into_: out must be contiguous CUDA with at most numel elements")
+    _check_devices("commlib::sign_unpack_into_", out, packed, scales)
+    _check_scales("commlib::sign_unpack_into_", scales, _sign_scale_count(chunk_size, numel))
     n = out.numel()
     if n:
         types = (_float_name(out.dtype, "sign_unpack_into_"), _float_name(dtype, "sign_unpack_into_"))
@@ -328,6 +350,8 @@ def ef_qsgd_residual_(residual, grad, codes, scales, bits: int, bucket_size: int
     _check_qsgd("commlib::ef_qsgd_residual_", bits, bucket_size)
     _check(codes.numel() == (numel + 7) // 8 * bits and numel >= grad.numel() and codes.is_contiguous()
            and scales.is_contiguous(), "commlib::ef_qsgd_residual_: payload does not match numel")
+    _check_devices("commlib::ef_qsgd_residual_", grad, residual, codes, scales)
+    _check_scales("commlib::ef_qsgd_residual_", scales, -(-numel // bucket_size))
     n = grad.numel()
     if n:
         _launch("ef", _k("ef_qsgd_residual_kernel", _float_name(grad.dtype, "ef_qsgd_residual_")), grad.device,
@@ -341,6 +365,8 @@ def qsgd_dequantize_into_(out, codes, scales, bits: int, bucket_size: int, numel
     _check(out.is_cuda and out.is_contiguous() and out.numel() <= numel and codes.numel() == (numel + 7) // 8 * bits
            and codes.is_contiguous() and scales.is_contiguous(),
            "commlib::qsgd_dequantize_into_: out must be contiguous CUDA with at most numel elements")
+    _check_devices("commlib::qsgd_dequantize_into_", out, codes, scales)
+    _check_scales("commlib::qsgd_dequantize_into_", scales, -(-numel // bucket_size))
     n = out.numel()
     if n:
         types = (_float_name(out.dtype, "qsgd_dequantize_into_"), _float_name(dtype, "qsgd_dequantize_into_"))
@@ -358,6 +384,7 @@ def ef_sparse_residual_(residual, grad, indices, values, accumulate: bool) -> No
     _check_pair("commlib::ef_sparse_residual_", grad, residual)
     _check(values.dtype == grad.dtype and values.numel() == indices.numel(),
            "commlib::ef_sparse_residual_: values must match grad's dtype and the indices' count")
+    _check_devices("commlib::ef_sparse_residual_", grad, residual, indices, values)
     indices, values = indices.contiguous(), values.contiguous()
     n, k = grad.numel(), indices.numel()
     t = _float_name(grad.dtype, "ef_sparse_residual_")
@@ -367,11 +394,12 @@ def ef_sparse_residual_(residual, grad, indices, values, accumulate: bool) -> No
                 (_ptr(residual), _ptr(grad), _i64(n), np.bool_(accumulate)))
     if k:  # one thread walks the pairs in order (repeated padding indices subtract in turn)
         _launch("ef", _k("ef_subtract_sent_kernel", t, i), grad.device, 1,
-                (_ptr(residual), _ptr(indices), _ptr(values), _i64(k)), threads=1)
+                (_ptr(residual), _ptr(indices), _ptr(values), _i64(k), _i64(n)), threads=1)
 
 
 def ef_gather(grad, residual, indices):
     _check_pair("commlib::ef_gather", grad, residual)
+    _check_devices("commlib::ef_gather", grad, indices)
     indices = indices.contiguous()
     n, k = grad.numel(), indices.numel()
     values = torch.empty(k, dtype=grad.dtype, device=grad.device)
@@ -385,7 +413,7 @@ def ef_gather(grad, residual, indices):
     _launch("ef", _k("ef_guard_kernel"), grad.device, 1, (_ptr(worst), _ptr(guard)))
     if k:
         _launch("ef", _k("ef_gather_kernel", t, i), grad.device, _blocks(k),
-                (_ptr(grad), _ptr(residual), _ptr(indices), _i64(k), _ptr(values)))
+                (_ptr(grad), _ptr(residual), _ptr(indices), _i64(k), _i64(n), _ptr(values)))
     return values, guard
 
 
@@ -404,6 +432,7 @@ def powersgd_project(grad, residual, q, m):
     if residual is not None:
         _check(residual.shape == grad.shape and residual.is_contiguous() and residual.dtype == torch.float32,
                "commlib::powersgd_project: residual must be a contiguous float32 matrix shaped like grad")
+    _check_devices("commlib::powersgd_project", grad, q, m, residual)
     q = q.contiguous()
     rows, cols, r = grad.shape[0], grad.shape[1], q.shape[1]
     p = torch.empty(rows, r, dtype=grad.dtype, device=grad.device)
@@ -417,6 +446,7 @@ def powersgd_backproject_(m, p, q, out) -> None:
     _check_matrices("commlib::powersgd_backproject_", m, q)
     _check(out.shape == m.shape and out.is_contiguous() and out.dtype == torch.float32,
            "commlib::powersgd_backproject_: out must be a contiguous float32 matrix shaped like m")
+    _check_devices("commlib::powersgd_backproject_", m, p, q, out)
     p, q = p.contiguous(), q.contiguous()
     rows, cols, r = m.shape[0], m.shape[1], q.shape[1]
     _check(p.dim() == 2 and p.shape[0] == rows and p.shape[1] == r, "commlib::powersgd_backproject_: bad p shape")

@@ -157,6 +157,17 @@ def qsgd_dequantize(
 
 # --------------------------------------------------------------------------------------------
 # Top-k by magnitude. Key = bits of |x| as float32 (NaN > inf > finite); ties by lower index.
+INT32_INDEX_LIMIT = 2**31
+
+
+def check_int32_indexable(op: str, numel: int) -> None:
+    """Top-k payloads carry int32 indices (the wire format, the same on CPU and CUDA): a tensor of
+    2^31 or more elements is refused instead of wrapping its indices around."""
+    if numel >= INT32_INDEX_LIMIT:
+        raise RuntimeError(f"commlib::{op}: int32 indices need numel < 2^31, got {numel}; split the tensor "
+                           "(a smaller DDP bucket_cap_mb or per-parameter compression)")
+
+
 def magnitude_key(x: torch.Tensor) -> torch.Tensor:
     return (x.reshape(-1).to(torch.float32).view(torch.int32) & 0x7FFFFFFF).to(torch.int64)
 
@@ -176,6 +187,7 @@ def topk_abs(x: torch.Tensor, k: int, exact: bool) -> tuple[torch.Tensor, torch.
     n = flat.numel()
     if not 0 <= k <= n:
         raise RuntimeError(f"commlib::topk_abs: k must be in [0, {n}], got {k}")
+    check_int32_indexable("topk_abs", n)
     if k == 0:
         return flat.new_empty(0), torch.empty(0, dtype=torch.int32, device=x.device)
     keys = magnitude_key(flat)
@@ -238,11 +250,20 @@ def ef_topk_abs(grad, residual, k: int, exact: bool):
 def ef_sparse_residual_(residual, grad, indices, values, accumulate: bool) -> None:
     if values.dtype != grad.dtype or values.numel() != indices.numel():
         raise RuntimeError("commlib::ef_sparse_residual_: values must match grad's dtype and the indices' count")
+    check_indices_in_range("ef_sparse_residual_", indices, grad.numel())
     hat = torch.zeros(grad.numel(), dtype=grad.dtype, device=grad.device).index_add_(0, indices.long(), values)
     _write_residual(residual, grad, accumulate, hat)
 
 
+def check_indices_in_range(op: str, indices: torch.Tensor, numel: int) -> None:
+    """Every index in [0, numel), checked before anything is written (a host read)."""
+    if indices.numel() and not bool(((indices >= 0) & (indices < numel)).all()):
+        bad = indices[(indices < 0) | (indices >= numel)][0]
+        raise RuntimeError(f"commlib::{op}: index {int(bad)} out of range [0, {numel})")
+
+
 def ef_gather(grad, residual, indices):
+    check_indices_in_range("ef_gather", indices, grad.numel())
     flat = ef_corrected(grad, residual)
     low, high = torch.aminmax(flat) if flat.numel() else (flat.new_zeros(()), flat.new_zeros(()))
     finite = torch.isfinite(low) & torch.isfinite(high)

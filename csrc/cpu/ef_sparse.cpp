@@ -29,6 +29,15 @@ void ef_sparse_residual_cpu(const at::Tensor& residual, const at::Tensor& grad, 
   const at::Tensor values = values_in.contiguous();
   const int64_t n = grad.numel();
   const int64_t k = indices.numel();
+  // every index is checked before the residual is touched: a bad one leaves it as it was
+  dispatch_indices(indices.scalar_type(), "ef_sparse_residual_", [&](auto index_tag) {
+    using index_t = decltype(index_tag);
+    const index_t* idx = indices.data_ptr<index_t>();
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t i = static_cast<int64_t>(idx[j]);
+      TORCH_CHECK(i >= 0 && i < n, "commlib::ef_sparse_residual_: index ", i, " out of range [0, ", n, ")");
+    }
+  });
   dispatch_floats(grad.scalar_type(), "ef_sparse_residual_", [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* g = grad.data_ptr<scalar_t>();
@@ -45,7 +54,6 @@ void ef_sparse_residual_cpu(const at::Tensor& residual, const at::Tensor& grad, 
       const index_t* idx = indices.data_ptr<index_t>();
       for (int64_t j = 0; j < k; ++j) {
         const int64_t i = static_cast<int64_t>(idx[j]);
-        TORCH_CHECK(i >= 0 && i < n, "commlib::ef_sparse_residual_: index ", i, " out of range [0, ", n, ")");
         e[i] = residual_value(e[i], static_cast<float>(val[j]));
       }
     });

@@ -54,6 +54,8 @@ void ef_sign_residual_cuda(const at::Tensor& residual, const at::Tensor& grad, c
   check_pair("commlib::ef_sign_residual_", grad, &residual);
   TORCH_CHECK(packed.numel() == (numel + 31) / 32 && numel >= grad.numel() && packed.is_contiguous() &&
                   scales.is_contiguous(), "commlib::ef_sign_residual_: payload does not match numel");
+  check_device("commlib::ef_sign_residual_", grad, {&residual, &packed, &scales});
+  check_scales("commlib::ef_sign_residual_", scales, sign_scale_count(chunk_size, numel));
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t n = grad.numel();
   if (n == 0) return;
@@ -78,6 +80,8 @@ void sign_unpack_into_cuda(const at::Tensor& out, const at::Tensor& packed, cons
   TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.numel() <= numel && packed.numel() == (numel + 31) / 32 &&
                   packed.is_contiguous() && scales.is_contiguous(),
               "commlib::sign_unpack_into_: out must be contiguous CUDA with at most numel elements");
+  check_device("commlib::sign_unpack_into_", out, {&packed, &scales});
+  check_scales("commlib::sign_unpack_into_", scales, sign_scale_count(chunk_size, numel));
   const c10::cuda::CUDAGuard guard(out.device());
   const int64_t n = out.numel();
   if (n == 0) return;
@@ -126,6 +130,8 @@ void ef_qsgd_residual_cuda(const at::Tensor& residual, const at::Tensor& grad, c
   check_qsgd("commlib::ef_qsgd_residual_", bits, bucket_size);
   TORCH_CHECK(codes.numel() == (numel + 7) / 8 * bits && numel >= grad.numel() && codes.is_contiguous() &&
                   scales.is_contiguous(), "commlib::ef_qsgd_residual_: payload does not match numel");
+  check_device("commlib::ef_qsgd_residual_", grad, {&residual, &codes, &scales});
+  check_scales("commlib::ef_qsgd_residual_", scales, (numel + bucket_size - 1) / bucket_size);
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t n = grad.numel();
   if (n == 0) return;
@@ -145,6 +151,8 @@ void qsgd_dequantize_into_cuda(const at::Tensor& out, const at::Tensor& codes, c
   TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.numel() <= numel &&
                   codes.numel() == (numel + 7) / 8 * bits && codes.is_contiguous() && scales.is_contiguous(),
               "commlib::qsgd_dequantize_into_: out must be contiguous CUDA with at most numel elements");
+  check_device("commlib::qsgd_dequantize_into_", out, {&codes, &scales});
+  check_scales("commlib::qsgd_dequantize_into_", scales, (numel + bucket_size - 1) / bucket_size);
   const c10::cuda::CUDAGuard guard(out.device());
   const int64_t n = out.numel();
   if (n == 0) return;
@@ -173,6 +181,7 @@ void ef_sparse_residual_cuda(const at::Tensor& residual, const at::Tensor& grad,
   check_pair("commlib::ef_sparse_residual_", grad, &residual);
   TORCH_CHECK(values_in.scalar_type() == grad.scalar_type() && values_in.numel() == indices_in.numel(),
               "commlib::ef_sparse_residual_: values must match grad's dtype and the indices' count");
+  check_device("commlib::ef_sparse_residual_", grad, {&residual, &indices_in, &values_in});
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor values = values_in.contiguous();
@@ -188,7 +197,7 @@ void ef_sparse_residual_cuda(const at::Tensor& residual, const at::Tensor& grad,
       using I = decltype(itag);
       if (k > 0)
         ef_subtract_sent_kernel<T, I><<<1, 1, 0, stream>>>(residual.data_ptr<T>(), indices.data_ptr<I>(),
-                                                           values.data_ptr<T>(), k);
+                                                           values.data_ptr<T>(), k, n);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -198,6 +207,7 @@ std::tuple<at::Tensor, at::Tensor> ef_gather_cuda(const at::Tensor& grad, const 
                                                   const at::Tensor& indices_in) {
   const at::Tensor* res = residual.has_value() ? &residual.value() : nullptr;
   check_pair("commlib::ef_gather", grad, res);
+  check_device("commlib::ef_gather", grad, {&indices_in});
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor indices = indices_in.contiguous();
   const int64_t n = grad.numel();
@@ -217,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> ef_gather_cuda(const at::Tensor& grad, const 
       using I = decltype(itag);
       if (k > 0)
         ef_gather_kernel<T, I><<<blocks_for(k, kThreads), kThreads, 0, stream>>>(grad.data_ptr<T>(), e,
-                                                                                 indices.data_ptr<I>(), k,
+                                                                                 indices.data_ptr<I>(), k, n,
                                                                                  values.data_ptr<T>());
     });
   });

@@ -24,6 +24,7 @@ at::Tensor powersgd_project_cuda(const at::Tensor& grad, const c10::optional<at:
     TORCH_CHECK(residual->sizes() == grad.sizes() && residual->is_contiguous() &&
                     residual->scalar_type() == at::kFloat,
                 "commlib::powersgd_project: residual must be a contiguous float32 matrix shaped like grad");
+  check_device("commlib::powersgd_project", grad, {&q_in, &m, residual.has_value() ? &residual.value() : nullptr});
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor q = q_in.contiguous();
   const int64_t rows = grad.size(0), cols = grad.size(1), r = q.size(1);
@@ -42,6 +43,7 @@ void powersgd_backproject_cuda(const at::Tensor& m, const at::Tensor& p_in, cons
   check("commlib::powersgd_backproject_", m, q_in);
   TORCH_CHECK(out.sizes() == m.sizes() && out.is_contiguous() && out.scalar_type() == at::kFloat,
               "commlib::powersgd_backproject_: out must be a contiguous float32 matrix shaped like m");
+  check_device("commlib::powersgd_backproject_", m, {&p_in, &q_in, &out});
   const c10::cuda::CUDAGuard guard(m.device());
   const at::Tensor p = p_in.contiguous();
   const at::Tensor q = q_in.contiguous();

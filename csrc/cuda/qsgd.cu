@@ -40,6 +40,7 @@ at::Tensor qsgd_dequantize_cuda(const at::Tensor& codes_in, const at::Tensor& sc
                                 int64_t bucket_size, int64_t numel, at::ScalarType dtype) {
   check_args("commlib::qsgd_dequantize", bits, bucket_size);
   TORCH_CHECK(codes_in.is_cuda() && scales_in.is_cuda(), "commlib::qsgd_dequantize: expected CUDA tensors");
+  check_device("commlib::qsgd_dequantize", codes_in, {&scales_in});
   TORCH_CHECK(codes_in.scalar_type() == at::kByte && scales_in.scalar_type() == at::kFloat,
               "commlib::qsgd_dequantize: codes must be uint8 and scales float32");
   TORCH_CHECK(codes_in.numel() == (numel + 7) / 8 * bits, "commlib::qsgd_dequantize: code bytes do not match numel");

@@ -37,6 +37,7 @@ std::tuple<at::Tensor, at::Tensor> sign_pack_cuda(const at::Tensor& x_in, int64_
 at::Tensor sign_unpack_cuda(const at::Tensor& packed_in, const at::Tensor& scales_in, int64_t numel,
                             int64_t chunk_size, at::ScalarType dtype) {
   TORCH_CHECK(packed_in.is_cuda() && scales_in.is_cuda(), "commlib::sign_unpack: expected CUDA tensors");
+  check_device("commlib::sign_unpack", packed_in, {&scales_in});
   TORCH_CHECK(packed_in.scalar_type() == at::kInt && scales_in.scalar_type() == at::kFloat,
               "commlib::sign_unpack: packed must be int32 and scales float32");
   TORCH_CHECK(packed_in.numel() == (numel + 31) / 32, "commlib::sign_unpack: packed size does not match numel");

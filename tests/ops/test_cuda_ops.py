@@ -73,3 +73,35 @@ def test_cuda_op_equals_reference(op, args):
     for w, g in zip(cpu_args, gpu_args, strict=True):  # in-place outputs (residuals, out, m)
         if isinstance(w, torch.Tensor):
             assert close(op, g.cpu(), w), f"{op}: an in-place argument differs"
+
+
+def test_cuda_launchers_refuse_host_tensors_and_wrong_scale_counts():
+    """A residual loaded with map_location="cpu" next to a CUDA gradient, or a payload with the
+    wrong number of scales, is refused before a launch (check_device / check_scales; _cupy's twins)."""
+    grad = torch.randn(1000, device="cuda")
+    packed, scales = torch.ops.commlib.ef_sign_pack(grad, None, 256, 1024)
+    with pytest.raises(RuntimeError, match="every tensor must be on|residual must match"):
+        torch.ops.commlib.ef_sign_residual_(torch.zeros(1000), grad, packed, scales, 256, 1024, True)
+    with pytest.raises(RuntimeError, match="scales"):
+        torch.ops.commlib.ef_sign_residual_(torch.zeros_like(grad), grad, packed, scales[:2], 256, 1024, True)
+    with pytest.raises(RuntimeError, match="every tensor must be on"):
+        torch.ops.commlib.ef_sparse_residual_(torch.zeros_like(grad), grad, torch.tensor([1, 2]),
+                                              torch.ones(2, device="cuda"), True)
+    m, q = torch.randn(30, 20, device="cuda"), torch.randn(20, 2)
+    with pytest.raises(RuntimeError, match="every tensor must be on|CUDA"):
+        torch.ops.commlib.powersgd_project(m, None, q, torch.empty_like(m))
+
+
+def test_an_out_of_range_index_stops_the_kernel_before_any_write():
+    """Device-side bounds check: the kernel traps (in a subprocess: a trapped kernel ends the CUDA
+    context) and the launch fails loudly instead of writing out of bounds."""
+    import subprocess
+    import sys
+
+    code = ("import torch, commlib\n"
+            "g = torch.randn(100, device='cuda'); e = torch.zeros_like(g)\n"
+            "torch.ops.commlib.ef_sparse_residual_(e, g, torch.tensor([3, 1000], device='cuda'), "
+            "torch.ones(2, device='cuda'), True)\n"
+            "torch.cuda.synchronize()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0, done.stdout

@@ -150,3 +150,38 @@ def test_a_bad_backend_name_is_refused(monkeypatch):
     monkeypatch.setenv("COMMLIB_CUDA_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="COMMLIB_CUDA_BACKEND"):
         _ext.cuda_backend_choice()
+
+
+def test_the_launchers_validation_layer_refuses_foreign_devices_and_wrong_scale_counts():
+    """The checks every cupy launcher runs before a launch (the .cu launchers have their twins,
+    check_device and check_scales in csrc/cuda/common.cuh): a tensor on another device (a residual
+    loaded with map_location="cpu") and a payload with the wrong number of scales are refused."""
+    here, elsewhere = torch.zeros(4), torch.zeros(4, device="meta")
+    _cupy._check_devices("op", here, here, None)
+    with pytest.raises(RuntimeError, match="every tensor must be on cpu"):
+        _cupy._check_devices("op", here, here, elsewhere)
+    assert [_cupy._sign_scale_count(c, n) for c, n in [(0, 100), (64, 128), (64, 129), (64, 0)]] == [1, 2, 3, 0]
+    _cupy._check_scales("op", torch.ones(2), 2)
+    for scales in (torch.ones(3), torch.ones(2, dtype=torch.float64)):
+        with pytest.raises(RuntimeError, match="expected 2 float32 scales"):
+            _cupy._check_scales("op", scales, 2)
+
+
+@pytest.mark.parametrize("op,make_args,message", [
+    ("ef_sign_residual_", lambda: (torch.randn(100), torch.randn(100), torch.zeros(4, dtype=torch.int32),
+                                   torch.ones(3), 64, 128, True), "scales"),
+    ("ef_qsgd_residual_", lambda: (torch.randn(100), torch.randn(100), torch.zeros(32, dtype=torch.uint8),
+                                   torch.ones(1), 2, 64, 128, True), "scales"),
+    ("ef_sparse_residual_", lambda: (torch.randn(100), torch.randn(100), torch.tensor([3, 5], device="meta"),
+                                     torch.ones(2), True), "every tensor"),
+    ("powersgd_project", lambda: (torch.randn(6, 5), None, torch.randn(5, 2, device="meta"), torch.empty(6, 5)),
+     "every tensor"),
+])
+def test_launchers_run_their_checks(monkeypatch, op, make_args, message):
+    """The launchers themselves refuse: CPU tensors stand in for CUDA ones (only the is-CUDA test is
+    lifted), the bad argument is the scales or a tensor on another device."""
+    real = _cupy._check
+    monkeypatch.setattr(_cupy, "_check", lambda ok, text: None if "CUDA" in text else real(ok, text))
+    monkeypatch.setattr(_cupy, "_launch", lambda *args, **kwargs: pytest.fail("launched despite bad arguments"))
+    with pytest.raises(RuntimeError, match=message):
+        _cupy.OPS[op](*make_args())

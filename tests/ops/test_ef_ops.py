@@ -256,3 +256,27 @@ def test_unpack_into_opcheck():
                           (torch.randn(1000), packed, scales, 64, 1000, torch.float32, True))
     torch.library.opcheck(torch.ops.commlib.qsgd_dequantize_into_.default,
                           (torch.randn(900), codes, qscales, 4, 64, 1000, torch.float32, False))
+
+
+@pytest.mark.parametrize("bad", [50, -1, 1 << 40])
+def test_a_bad_index_leaves_the_residual_untouched(bad):
+    """Every index is checked before the first write (it used to leave a half-updated residual)."""
+    grad, residual = pair(50, torch.float32, 8)
+    before = residual.clone()
+    indices = torch.tensor([3, 7, bad, 9], dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.ef_sparse_residual_(residual, grad, indices, torch.ones(4))
+    assert torch.equal(residual, before)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.ef_gather(grad, residual, indices)
+
+
+def test_top_k_refuses_tensors_its_int32_indices_cannot_address():
+    from commlib import compress
+
+    huge = torch.empty(2**31, device="meta")
+    with pytest.raises(ValueError, match="int32"):
+        compress.TopK(0.01).compress(huge)
+    with pytest.raises(RuntimeError, match="2\\^31"):
+        ref.check_int32_indexable("topk_abs", 2**31)
+    ref.check_int32_indexable("topk_abs", 2**31 - 1)

@@ -127,20 +127,28 @@ __global__ void ef_accumulate_kernel(T* __restrict__ e, const T* __restrict__ g,
   e[i] = accumulate ? corrected_value(g[i], e[i]) : g[i];
 }
 
+// Indices come from payloads: one outside [0, n) never touches memory. It stops the kernel with a
+// trap (the launch fails with an error at the next synchronization, as a device-side assert does),
+// before any write: the CPU twin checks every index before its first write too.
+__device__ __forceinline__ bool index_in_range(int64_t i, int64_t n) { return i >= 0 && i < n; }
+
 // One thread walks the k (index, value) pairs in order: zero-valued padding may repeat an index,
 // and subtracting in order is what the reference's scatter-add then subtract amounts to.
 template <typename T, typename I>
 __global__ void ef_subtract_sent_kernel(T* __restrict__ e, const I* __restrict__ idx, const T* __restrict__ val,
-                                        int64_t k) {
+                                        int64_t k, int64_t n) {
+  for (int64_t j = 0; j < k; ++j)
+    if (!index_in_range(static_cast<int64_t>(idx[j]), n)) __trap();
   for (int64_t j = 0; j < k; ++j) e[idx[j]] = residual_value(e[idx[j]], static_cast<float>(val[j]));
 }
 
 template <typename T, typename I>
 __global__ void ef_gather_kernel(const T* __restrict__ g, const T* __restrict__ e, const I* __restrict__ idx,
-                                 int64_t k, T* __restrict__ values) {
+                                 int64_t k, int64_t n, T* __restrict__ values) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= k) return;
   const int64_t i = static_cast<int64_t>(idx[j]);
+  if (!index_in_range(i, n)) __trap();
   values[j] = e != nullptr ? corrected_value(g[i], e[i]) : g[i];
 }
 
