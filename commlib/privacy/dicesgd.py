@@ -29,12 +29,14 @@ ranks (rank 0's seed is broadcast once), so it is drawn once for the global batc
 from __future__ import annotations
 
 import math
+import secrets
 
 import torch
 import torch.distributed as dist
 from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
+from commlib.comm.agree import agree_across_ranks
 from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm
 
@@ -87,7 +89,10 @@ class DiceSGD(DPOptimizer):
     Arguments are Opacus' plus ``error_max_grad_norm`` (C2 >= C1 = ``max_grad_norm``),
     ``process_group`` (ranks whose batches form the global batch; default the world when
     torch.distributed is initialized, ``False`` for none) and ``noise_seed`` (the noise generator's
-    seed, equal on every rank; default rank 0's random choice, broadcast once).
+    seed, equal on every rank; default rank 0's random choice, broadcast once). The generator lives
+    on the parameters' device. With ``secure_mode=True`` (or a ``generator`` of your own) rank 0
+    draws the noise, with Opacus' secure recipe in secure mode, and broadcasts it: every rank
+    applies the same noise, and secure noise is never saved or replayed.
     ``expected_batch_size`` is the *global* expected batch size.
 
     Example::
@@ -120,13 +125,29 @@ class DiceSGD(DPOptimizer):
             if dist.get_world_size(group) > 1:
                 ranks = dist.get_process_group_ranks(group)
                 self.comm = Comm(dist.new_group(ranks=ranks, backend=dist.get_backend(group)))
-        if generator is None and not secure_mode:
-            if noise_seed is None:
-                seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+                agree_across_ranks({"noise_multiplier": float(noise_multiplier), "max_grad_norm": float(max_grad_norm),
+                                    "error_max_grad_norm": float(error_max_grad_norm),
+                                    "expected_batch_size": expected_batch_size, "secure_mode": bool(secure_mode),
+                                    "noise_seed": noise_seed, "loss_reduction": loss_reduction,
+                                    "shapes": [list(p.shape) for p in self.params]}, self.comm.group, "DiceSGD")
+        device = self.params[0].device if self.params else torch.device("cpu")
+        # who draws the noise: every rank from one shared seed (the default: no communication), or
+        # rank 0 alone and a broadcast (secure mode, or a generator of the user's, whose states
+        # the ranks do not share): either way every rank applies the same noise
+        self.noise_from_rank0 = secure_mode or generator is not None
+        if secure_mode and noise_seed is not None:
+            raise ValueError("noise_seed must be None with secure_mode=True: secure noise is not reproducible")
+        if generator is None:
+            if secure_mode:  # fresh entropy on rank 0 (pass a CSPRNG generator for cryptographic strength)
+                seed = secrets.randbits(63)
+            elif noise_seed is None:
+                choice = torch.randint(0, 2**62, (1,), dtype=torch.int64)
                 if self.comm is not None:
-                    self.comm.broadcast(seed, src=0)
-                noise_seed = int(seed)
-            self.generator = torch.Generator().manual_seed(noise_seed)
+                    self.comm.broadcast(choice, src=0)
+                seed = int(choice)
+            else:
+                seed = noise_seed
+            self.generator = torch.Generator(device=device).manual_seed(seed)  # on the parameters' device
         self.error = [torch.zeros_like(p) for p in self.params]  # E, identical on every rank
         self.dice_steps = 0
 
@@ -161,13 +182,29 @@ class DiceSGD(DPOptimizer):
         if all(bool(torch.isfinite(e).all()) for e in new_error):
             self.error = new_error
         std = self.noise_multiplier * self.max_grad_norm * self.kappa
-        for p, value in zip(self.params, v):
-            noise = torch.normal(0.0, std, value.shape, generator=self.generator, device=value.device,
-                                 dtype=value.dtype) if std > 0 else torch.zeros_like(value)
+        for p, value, noise in zip(self.params, v, self.draw_noise(std, v)):
             p.grad = (value + noise).view_as(p)
             p.summed_grad = None
             p.summed_raw = None
         self.dice_steps += 1
+
+    def draw_noise(self, std: float, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``N(0, std^2)`` shaped like each tensor, the same on every rank: drawn on every rank
+        from the shared generator, or (secure mode, a user's generator) drawn on rank 0 with
+        Opacus' noise function (secure mode: its 2n-sample recipe against floating-point attacks)
+        and broadcast."""
+        if std == 0:
+            return [torch.zeros_like(t) for t in like]
+        if not self.noise_from_rank0 or self.comm is None or self.comm.rank == 0:
+            noise = [_generate_noise(std, t, generator=self.generator, secure_mode=self.secure_mode).to(t.dtype)
+                     for t in like]
+        else:
+            noise = [torch.empty_like(t) for t in like]
+        if self.noise_from_rank0 and self.comm is not None:
+            flat = torch.cat([n.reshape(-1) for n in noise])
+            self.comm.broadcast(flat, src=0)
+            noise = split_like(flat, noise)
+        return noise
 
     def zero_grad(self, set_to_none: bool = False):
         for p in self.params:
@@ -179,8 +216,9 @@ class DiceSGD(DPOptimizer):
         """E, the step count and the noise generator's state (tensors and ints), with what a load
         checks: E's shapes, and the batch size and C2 that fix its units (E is identical on every
         rank, so any rank's state fits any rank)."""
+        shared = self.generator is not None and not self.noise_from_rank0  # secure noise is never replayed
         return {"error": [e.clone() for e in self.error], "dice_steps": self.dice_steps,
-                "generator": self.generator.get_state() if self.generator is not None else None,
+                "generator": self.generator.get_state() if shared else None,
                 "shapes": [list(e.shape) for e in self.error], "expected_batch_size": self.error_clip_scale,
                 "error_max_grad_norm": self.error_max_grad_norm}
 
@@ -198,8 +236,8 @@ class DiceSGD(DPOptimizer):
                                  "error E is in sum units of that batch and clipped at that norm")
         self.error = [e.clone() for e in state["error"]]
         self.dice_steps = int(state["dice_steps"])
-        if state["generator"] is not None:
-            self.generator.set_state(state["generator"])
+        if state["generator"] is not None and not self.noise_from_rank0:
+            self.generator.set_state(state["generator"].cpu())
 
     def state_dict(self):
         out = dict(super().state_dict())
@@ -209,6 +247,8 @@ class DiceSGD(DPOptimizer):
     def load_state_dict(self, state_dict) -> None:
         state_dict = dict(state_dict)
         dice = state_dict.pop("dice", None)
+        if dice is None:  # loading it would silently restart the fed-back error E at zero
+            raise ValueError("DiceSGD.load_state_dict: the state has no 'dice' entry (E, the fed-back clipping "
+                             "error, and the noise generator): it was not saved by DiceSGD.state_dict()")
         super().load_state_dict(state_dict)
-        if dice is not None:
-            self.load_dice_state_dict(dice)
+        self.load_dice_state_dict(dice)

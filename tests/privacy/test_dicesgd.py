@@ -206,3 +206,68 @@ def test_a_state_of_other_units_or_shapes_is_refused():
                           error_max_grad_norm=1.5, expected_batch_size=B, process_group=False, noise_seed=7)
     with pytest.raises(ValueError, match="does not fit these parameters"):
         other_shape.load_dice_state_dict(saved["dice"])
+
+
+def _secure(rank, world_size, steps):
+    torch.manual_seed(100 + rank)  # the ranks' global RNGs differ, as they do in real runs
+    model = GradSampleModule(torch.nn.Linear(D, 1).double())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    opt = DiceSGD(torch.optim.SGD(model.parameters(), lr=LR), noise_multiplier=1.3, max_grad_norm=1.0,
+                  error_max_grad_norm=1.5, expected_batch_size=B, secure_mode=True)
+    calls = []
+    import commlib.privacy.dicesgd as dice
+
+    real = dice._generate_noise
+    dice._generate_noise = lambda *a, **k: calls.append(k.get("secure_mode")) or real(*a, **k)
+    try:
+        for t in range(steps):
+            x, y = data(t)
+            half = B // world_size
+            step(model, opt, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
+    finally:
+        dice._generate_noise = real
+    dist.barrier()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), calls, opt.dice_state_dict()["generator"]
+
+
+def test_secure_noise_is_drawn_securely_once_and_shared_by_every_rank():
+    """secure_mode used to be dropped (plain torch.normal) and, with unshared generators, the ranks'
+    noise diverged. Now rank 0 draws with Opacus' secure recipe and broadcasts: ranks stay identical,
+    and two runs differ (fresh entropy); secure noise state is never saved."""
+    first = run_world(_secure, 2, kwargs=dict(steps=4))
+    second = run_world(_secure, 2, kwargs=dict(steps=4))
+    assert torch.equal(first[0][0], first[1][0])
+    assert not torch.equal(first[0][0], second[0][0])
+    assert first[0][1] and all(first[0][1]) and first[1][1] == []  # rank 0 draws, in secure mode; rank 1 never
+    assert first[0][2] is None
+    with pytest.raises(ValueError, match="noise_seed"):
+        DiceSGD(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1), noise_multiplier=1.0,
+                max_grad_norm=1.0, error_max_grad_norm=1.0, expected_batch_size=4, secure_mode=True,
+                process_group=False, noise_seed=3)
+
+
+def test_a_load_without_the_fed_back_error_is_refused():
+    model, opt = make(1.1)
+    step(model, opt, *data(0))
+    saved = opt.state_dict()
+    saved.pop("dice")
+    _, fresh = make(1.1)
+    with pytest.raises(ValueError, match="'dice' entry"):
+        fresh.load_state_dict(saved)
+
+
+def test_the_noise_generator_lives_on_the_parameters_device():
+    _, opt = make(1.1)
+    assert opt.generator.device == opt.params[0].device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_noise_on_cuda_parameters():
+    model = GradSampleModule(torch.nn.Linear(D, 1).double().cuda())
+    opt = DiceSGD(torch.optim.SGD(model.parameters(), lr=LR), noise_multiplier=1.0, max_grad_norm=1.0,
+                  error_max_grad_norm=1.5, expected_batch_size=B, process_group=False, noise_seed=1)
+    x, y = data(0)
+    step(model, opt, x.cuda(), y.cuda())
+    assert opt.generator.device.type == "cuda" and torch.isfinite(model._module.weight).all()
