@@ -14,7 +14,7 @@ from torch import nn
 from commlib.comm.agree import agree_across_ranks
 from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm, OrderedQueue
-from commlib.hooks.state import HookState, strip_ddp_prefix
+from commlib.hooks.state import HookState, options_differ, strip_ddp_prefix
 
 ESTIMATORS = ("halves", "scalar")
 
@@ -358,6 +358,9 @@ class AGVMState:
         if state.get("groups") != list(self.group_names):
             raise ValueError(f"agvm state was saved for module groups {state.get('groups')}, this state has "
                              f"{list(self.group_names)}: mu holds one multiplier per group, in order")
+        differ = options_differ(state.get("options", {}), self.options())
+        if differ:  # tau, momentum, estimator and warm-up shape mu's history: another set would not resume it
+            raise ValueError(f"agvm state was saved with other options: {differ}")
         self.step = int(state["step"])
         self.mu = state["mu"].clone().double()
         self.history = list(state["history"])

@@ -191,7 +191,7 @@ def test_propose_groups_and_state_dict_round_trip():
 def _round_trip(rank, world_size):
     result = _train(rank, world_size, "agvm", dict(AGVM))
     model = Detector()
-    state, _ = hooks.make("agvm", model=model, groups=GROUPS)
+    state, _ = hooks.make("agvm", model=model, **AGVM)  # the options it was saved with
     state.load_state_dict(torch.load(io.BytesIO(result["state_dict"]), weights_only=True))
     assert state.stats()["history"] == result["stats"]["history"] and state.step == 8
     return {"mu": result["stats"]["mu"], "loaded": state.multipliers()}

@@ -79,3 +79,15 @@ def test_agvm_state_refuses_other_module_groups_before_any_process_group():
     other, _ = hooks.make("agvm", model=model, groups={"b": ["1."], "a": ["0."]}, tau=5)
     with pytest.raises(ValueError, match="saved for module groups"):  # mu holds one multiplier per group
         other.load_state_dict(state)
+
+
+def test_agvm_state_refuses_other_options_at_load():
+    """tau, momentum, estimator and warm-up shape mu's history; they used to be saved and ignored."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    saved, _ = hooks.make("agvm", model=model, groups={"a": ["0."], "b": ["1."]}, tau=5)
+    state = {"method": "agvm", "groups": list(saved.group_names), "options": saved.options()}
+    other, _ = hooks.make("agvm", model=model, groups={"a": ["0."], "b": ["1."]}, tau=7)
+    with pytest.raises(ValueError, match="tau=5 \\(now 7\\)"):
+        other.load_state_dict(state)
