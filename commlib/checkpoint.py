@@ -105,3 +105,25 @@ def _replicated_part(state_obj, full: dict) -> dict:
 
 
 __all__ = ["HookStateful"]
+
+
+def save_atomic(obj, path) -> None:
+    """``torch.save(obj, path)`` that never leaves a torn file: written to a temporary file in the
+    same directory, flushed to disk, then renamed over ``path`` (a crash mid-save keeps the previous
+    checkpoint whole)."""
+    import os
+    import tempfile
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

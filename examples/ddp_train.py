@@ -7,8 +7,9 @@
 The model is a real decoder-only transformer (token + position embeddings, causal self-attention
 blocks with pre-LayerNorm and GELU MLPs, tied output head) trained on bytes of the Python
 standard library's own source files (shipped with every Python install; nothing is downloaded).
-Each rank reads a different shard. ``--save``/``--resume`` checkpoint the model, the optimizer
-and the hook state (loaded with ``weights_only=True``).
+Each rank reads a different shard. ``--save``/``--resume`` checkpoint the model, the optimizer,
+the step and every rank's hook state in one file that rank 0 writes atomically (temporary file,
+then rename) and every rank loads (``weights_only=True``), refusing a hook state of another step.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from commlib import hooks
+from commlib.checkpoint import save_atomic
 from commlib.workloads import parse_compressor, parse_value, python_source_bytes
 
 
@@ -90,13 +92,19 @@ def main(argv=None) -> None:
         ddp.register_comm_hook(state, hook)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     start = 0
-    if args.resume:
+    if args.resume:  # one file, written by rank 0; every rank loads it and takes its own hook part
         ckpt = torch.load(args.resume, weights_only=True, map_location=device)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start = ckpt["step"]
+        if (ckpt["hook"] is None) != (state is None):
+            raise SystemExit(f"{args.resume} was saved {'without' if ckpt['hook'] is None else 'with'} a hook state; "
+                             f"resume with the same --hook")
         if state is not None:
-            state.load_state_dict(torch.load(f"{args.resume}.hook{rank}", weights_only=True))
+            state.load_state_dict(ckpt["hook"])
+            if state.stats()["step"] != start:  # the hook counts the steps it reduced
+                raise SystemExit(f"{args.resume}: the hook state is at step {state.stats()['step']}, the model at "
+                                 f"step {start}: they are not from the same save")
 
     data = python_source_bytes()
     shard = data[rank::world]  # every rank its own bytes
@@ -128,12 +136,12 @@ def main(argv=None) -> None:
                   f"{s['total_bytes_dense'] / args.steps:.0f} ({s['total_bytes_dense'] / max(s['total_bytes_sent'], 1):.2f}x)")
             if "lgreco" in s:
                 print("L-GreCo plan:", s["lgreco"]["plan"])
-    if args.save:
+    if args.save:  # model, optimizer, step and every rank's hook state in one file, replaced atomically
+        hook_state = hooks.gather_state_dict(state) if state is not None else None  # a collective
         if rank == 0:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": start + args.steps},
-                       args.save)
-        if state is not None:
-            torch.save(state.state_dict(), f"{args.save}.hook{rank}")
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": start + args.steps,
+                         "hook": hook_state}, args.save)
+        dist.barrier()
     dist.destroy_process_group()
 
 
