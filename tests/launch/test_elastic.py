@@ -64,3 +64,30 @@ def test_sigkill_restart_resumes_bit_identically_on_one_node():
         results.append(_result([proc.stdout]))
     assert results[1]["attempt"] == 1 and results[1]["resumed_from"] == 8
     assert results[1]["digest"] == results[0]["digest"]
+
+
+def test_the_round_store_listens_on_the_route_address_only():
+    """It used to bind 0.0.0.0 (every interface). Bound to 127.0.0.1, 127.0.0.2 (another address of
+    the same loopback) is refused, while 127.0.0.1 serves."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    from commlib.launch.elastic import bound_store
+
+    store = bound_store("127.0.0.1", 2, datetime.timedelta(seconds=10))
+    client = dist.TCPStore("127.0.0.1", store.port, 2, is_master=False, timeout=datetime.timedelta(seconds=10))
+    client.set("k", "v")
+    assert store.get("k") == b"v"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", store.port), timeout=2).close()
+
+
+def test_a_malformed_round_key_is_skipped_not_raised():
+    from commlib.launch.elastic import parse_round_key
+
+    assert parse_round_key("10.0.0.1:29500:abc") == ("10.0.0.1", 29500, "abc")
+    assert parse_round_key("fe80::1:29500:abc") == ("fe80::1", 29500, "abc")
+    for bad in ("", "garbage", "host:port:nonce", "host:99999:n", "host:12:", ":12:n"):
+        assert parse_round_key(bad) is None, bad
