@@ -244,6 +244,36 @@ def _parse_tasks(meta: np.ndarray, start: int, count: int, stride: int) -> list[
                  int(meta[start + k * stride + 2])) for k in range(count)]
 
 
+class MalformedMessage(ValueError):
+    """A message whose layout does not match what its kind promises: its sender is declared dead."""
+
+
+def _checked_tasks(meta: np.ndarray, start: int, stride: int, what: str) -> list[Task]:
+    """The tasks of a ROUND (stride 3) or RESULT (stride 4) message, after checking its layout:
+    the count, the length it implies and every task kind."""
+    if meta.ndim != 1 or meta.size < start:
+        raise MalformedMessage(f"{what}: {meta.size} header values, expected at least {start}")
+    count = int(meta[start - 1])
+    if count < 0 or meta.size != start + stride * count:
+        raise MalformedMessage(f"{what}: {meta.size} header values for {count} tasks (expected {start + stride * count})")
+    kinds = [int(meta[start + k * stride + 1]) for k in range(count)]
+    if any(kind not in _KINDS for kind in kinds):
+        raise MalformedMessage(f"{what}: unknown task kinds {sorted(set(kinds) - set(_KINDS))}")
+    return _parse_tasks(meta, start, count, stride)
+
+
+def check_result(meta: np.ndarray, payload: np.ndarray, expected: list[Task], vector_size: int) -> list[np.ndarray]:
+    """A RESULT message's vectors, one per task, after checking that it answers ``expected`` with
+    finite-size vectors of ``vector_size`` values each (a short payload would otherwise be split
+    and applied to the model)."""
+    tasks = _checked_tasks(meta, 2, 4, "RESULT")
+    if tasks != expected:
+        raise MalformedMessage(f"RESULT answers tasks {tasks}, expected {expected}")
+    if payload.ndim != 1 or payload.size != vector_size * len(tasks):
+        raise MalformedMessage(f"RESULT carries {payload.size} values for {len(tasks)} tasks of {vector_size}")
+    return np.split(payload, len(tasks)) if tasks else []
+
+
 class Worker:
     """Worker ``worker`` (0-based; its transport rank is ``worker + 1``): computes the mini-tasks of the
     newest round it has (older rounds still queued are stale and skipped), sleeps the injected delay
@@ -280,10 +310,13 @@ class Worker:
                 message = queued
             if message is None or message.kind != ROUND:
                 break
+            try:
+                tasks = _checked_tasks(message.meta, 3, 3, "ROUND")
+            except MalformedMessage:
+                break  # the master's messages cannot be trusted any more: stop, it sees this worker go silent
             r = self._absorb(message, params)
             if self.die_at_round is not None and r >= self.die_at_round:
                 os._exit(17)
-            tasks = _parse_tasks(message.meta, 3, int(message.meta[2]), 3)
             if tasks and not self._compute_and_send(r, tasks, params, module, offsets):
                 self.rounds_abandoned += 1
         if hasattr(self.transport, "flush"):
@@ -399,6 +432,7 @@ class Master:
         scheme, problem, n = self.scheme, self.problem, self.scheme.n
         schedule = scheme.schedule(self.jobs)
         modules = [problem.model(m) for m in range(problem.models)]
+        self.vector_size = sum(p.numel() for p in modules[0].parameters())  # every result vector's length
         optimizers = [problem.optimizer(module) for module in modules]
         out = RunResult(work=np.zeros((schedule.rounds, n)), decoded_round=[None] * self.jobs)
         results: dict[tuple, np.ndarray] = {}
@@ -498,6 +532,8 @@ class Master:
             if message is None:
                 continue
             w = message.src - 1
+            if not 0 <= w < self.scheme.n:
+                continue  # not one of this run's workers
             if message.kind == FAILED:
                 if w not in out.dead:
                     self._declare_dead(w, r, "connection lost: " + message.error.splitlines()[0][:120], out)
@@ -505,13 +541,17 @@ class Master:
             last_seen[w] = time.monotonic()
             if message.kind != RESULT:
                 continue
+            if message.meta.size < 2:
+                self._declare_dead(w, r, f"malformed message (RESULT with {message.meta.size} header values)", out)
+                continue
             if int(message.meta[0]) != r or w not in expect or w in arrived:
                 out.late_results += 1
                 continue
-            tasks = _parse_tasks(message.meta, 2, int(message.meta[1]), 4)
-            if tasks != assignment[w]:
-                raise RuntimeError(f"worker {w} answered round {r} with tasks {tasks}, expected {assignment[w]}")
-            arrived[w] = np.split(message.payload, len(tasks))
+            try:
+                arrived[w] = check_result(message.meta, message.payload, assignment[w], self.vector_size)
+            except MalformedMessage as bad:  # never applied to a model: the sender is out
+                self._declare_dead(w, r, f"malformed message ({bad})", out)
+                continue
             if first is None:
                 first = time.monotonic()
         out.waited_rounds += int(waited)

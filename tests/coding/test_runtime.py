@@ -33,7 +33,31 @@ def _train(rank, world, scheme, jobs, batch, models, master_kwargs, worker_kwarg
     if kwargs.pop("absent", False):
         time.sleep(60)  # alive, connected, but never starts working
         return None
-    return runtime.Worker(transport, scheme, problem, rank - 1, **kwargs).run()
+    malformed = kwargs.pop("malformed", None)
+    cls = runtime.Worker if malformed is None else _malformed_worker(*malformed)
+    return cls(transport, scheme, problem, rank - 1, **kwargs).run()
+
+
+def _malformed_worker(kind: str, at_round: int):
+    """A worker whose message of round ``at_round`` is malformed: a RESULT with a short payload
+    ("short"), or a header announcing a negative payload, sent raw over gloo ("header")."""
+
+    class Malformed(runtime.Worker):
+        def _compute_and_send(self, r, tasks, params, module, offsets):
+            if r != at_round:
+                return super()._compute_and_send(r, tasks, params, module, offsets)
+            if kind == "short":
+                meta = [r, len(tasks)] + [v for t in tasks for v in (t.job, runtime._KIND_CODES[t.kind], t.index, 1)]
+                self.transport.post(0, runtime.RESULT, meta, np.zeros(3, dtype=np.float32))
+            else:
+                import torch.distributed as dist
+
+                self.transport.flush()
+                dist.send(torch.tensor([runtime.RESULT, 2, -5, 0], dtype=torch.int64), 0)
+            time.sleep(30)  # then stays quiet: the master must not wait for it
+            return True
+
+    return Malformed
 
 
 def train(scheme, jobs, *, batch=None, models=None, master_kwargs=None, worker_kwargs=None, may_die=()):
@@ -196,3 +220,66 @@ def test_mpiexec_and_torchrun_train_the_same_parameters_as_the_reference():
     reference = runtime.reference_training(scheme, runtime.Problem.digits(models=2, batch=mpi["batch"]), 8)
     assert mpi["digest"] == torchrun["digest"] == runtime.parameters_digest(reference)
     assert mpi["measured_load"] == pytest.approx(scheme.normalized_load)
+
+
+@pytest.mark.parametrize("kind", ["short", "header"])
+def test_a_malformed_message_declares_its_sender_dead_and_is_never_applied(kind):
+    """A RESULT whose payload is shorter than its tasks' vectors used to be split and applied to the
+    model silently, and a header announcing a negative size ended the gloo receive thread without a
+    word. Both now declare the sender dead; within the code's tolerance, training goes on exactly."""
+    scheme = coding.GCScheme(3, 1, code="cyclic")
+    jobs = 8
+    result, problem = train(scheme, jobs, master_kwargs={"mu": None, "dead_after": 20.0},
+                            worker_kwargs={1: {"malformed": (kind, 3)}}, may_die=(2,))
+    assert isinstance(result, runtime.RunResult), result
+    assert 1 in result.dead and "malformed message" in result.dead[1][1], result.dead
+    reference = runtime.reference_training(scheme, problem, jobs)
+    for got, want in zip(result.parameters, reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_message_checks():
+    from commlib.coding.sequential import CODED, Task
+    from commlib.coding.transport import check_header
+
+    assert check_header([2, 3, 10, 1]) == (2, 3, 10, 1)
+    for bad in ([2, -1, 0, 0], [2, 0, -5, 0], [2, 0, 0, 7], [-3, 0, 0, 0], [2, 1 << 40, 0, 0], [1, 2, 3]):
+        with pytest.raises(ValueError):
+            check_header(bad)
+    tasks = [Task(4, CODED, 0), Task(5, CODED, 1)]
+    meta = np.asarray([7, 2, 4, 0, 0, 9, 5, 0, 1, 9])
+    assert len(runtime.check_result(meta, np.zeros(6, np.float32), tasks, 3)) == 2
+    for bad_meta, payload, match in [(meta, np.zeros(5, np.float32), "carries 5 values"),
+                                     (meta[:-1], np.zeros(6, np.float32), "header values"),
+                                     (np.asarray([7, 2, 4, 9, 0, 9, 5, 0, 1, 9]), np.zeros(6), "unknown task kinds"),
+                                     (np.asarray([7, 1, 4, 0, 0, 9]), np.zeros(3), "expected")]:
+        with pytest.raises(runtime.MalformedMessage, match=match):
+            runtime.check_result(bad_meta, payload, tasks, 3)
+
+
+MPI_SCRIPT = """
+import numpy as np
+from mpi4py import MPI
+from commlib.coding.transport import FAILED, MPITransport
+comm = MPI.COMM_WORLD
+t = MPITransport(comm, [1 - comm.Get_rank()])
+if comm.Get_rank() == 1:
+    t.post(0, 2, [5, 6], np.arange(4, dtype=np.float64))
+    t.flush()
+    comm.Send([np.asarray([2, 0, -9, 0], dtype=np.int64), MPI.INT64_T], dest=0, tag=MPITransport.TAG)
+else:
+    good = t.poll(30)
+    bad = t.poll(30)
+    ok = (good.kind == 2 and good.meta.tolist() == [5, 6] and good.payload.tolist() == [0, 1, 2, 3]
+          and good.payload.dtype == np.float64 and bad.kind == FAILED and "malformed" in bad.error)
+    print("MPI_OK" if ok else f"MPI_BAD {good} {bad}", flush=True)
+comm.Barrier()
+"""
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed (pip install -e .[mpi])")
+def test_mpi_transport_sends_typed_buffers_and_reports_a_malformed_header():
+    proc = subprocess.run([MPIEXEC, "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, "-c",
+                           MPI_SCRIPT], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MPI_OK" in proc.stdout, proc.stdout + proc.stderr[-2000:]
