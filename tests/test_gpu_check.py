@@ -25,6 +25,9 @@ def test_hook_check_runs_every_hook_on_one_cpu_rank():
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    checks = [r for r in rows if "check" in r]
+    rows = [r for r in rows if "hook" in r]
     assert [r["hook"] for r in rows] == hooks.names()
+    assert [c["check"] for c in checks] == ["resume_from_host_checkpoint"] and checks[0]["ok"], checks
     assert all(r.get("ok") or "skipped" in r for r in rows), rows
     assert next(r for r in rows if r["hook"] == "allreduce")["equals_plain_ddp"]

@@ -255,7 +255,8 @@ def _checked_tasks(meta: np.ndarray, start: int, stride: int, what: str) -> list
         raise MalformedMessage(f"{what}: {meta.size} header values, expected at least {start}")
     count = int(meta[start - 1])
     if count < 0 or meta.size != start + stride * count:
-        raise MalformedMessage(f"{what}: {meta.size} header values for {count} tasks (expected {start + stride * count})")
+        raise MalformedMessage(f"{what}: {meta.size} header values for {count} tasks "
+                               f"(expected {start + stride * count})")
     kinds = [int(meta[start + k * stride + 1]) for k in range(count)]
     if any(kind not in _KINDS for kind in kinds):
         raise MalformedMessage(f"{what}: unknown task kinds {sorted(set(kinds) - set(_KINDS))}")

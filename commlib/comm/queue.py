@@ -35,6 +35,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from commlib.comm.groups import private_group
+
 
 class Comm:
     """Blocking collectives on one process group, for use inside a queue job."""
@@ -120,9 +122,9 @@ class OrderedQueue:
             raise RuntimeError("commlib hooks need an initialized torch.distributed process group")
         base = process_group if process_group is not None else dist.group.WORLD
         ranks = dist.get_process_group_ranks(base)
-        kwargs = {"timeout": timeout} if timeout is not None else {}
-        # A private copy of the group: only this queue's thread issues collectives on it.
-        self.group = dist.new_group(ranks=ranks, backend=dist.get_backend(base), **kwargs)
+        # A private copy of the group: only this queue's thread issues collectives on it (named so
+        # that another subgroup's copy can never share its rendezvous keys: commlib.comm.groups)
+        self.group = private_group(base, timeout)
         # every rank's side of the new mesh is connected before any rank may use or destroy it
         # (a peer closing its group while another still connects: "Connection closed by peer")
         if dist.get_backend(base) == "gloo" and len(ranks) > 1:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from commlib.comm.agree import agree_across_ranks
+from commlib.comm.groups import private_group
 from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm, OrderedQueue
 from commlib.hooks.state import HookState, options_differ, strip_ddp_prefix
@@ -184,8 +185,7 @@ class AGVMState:
             ranks = dist.get_process_group_ranks(self.queue.group)
             half = max(1, self.world_size // 2)
             self.half_ranks = (ranks[:half], ranks[half:])
-            self.half_groups = [dist.new_group(ranks=r, backend=dist.get_backend(self.queue.group)) if r else None
-                                for r in self.half_ranks]
+            self.half_groups = [private_group(self.queue.group, ranks=r) if r else None for r in self.half_ranks]
             self.my_half = 0 if self.rank < half else 1
             self._param_names = {id(p): strip_ddp_prefix(n) for n, p in self.model.named_parameters()}
             agree_across_ranks({"method": self.name, "options": self.options(), "use_adam": self.use_adam,

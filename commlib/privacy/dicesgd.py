@@ -37,6 +37,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
 from commlib.comm.agree import agree_across_ranks
+from commlib.comm.groups import private_group
 from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm
 
@@ -123,8 +124,7 @@ class DiceSGD(DPOptimizer):
         if process_group is not False and dist.is_available() and dist.is_initialized():
             group = process_group if process_group is not None else dist.group.WORLD
             if dist.get_world_size(group) > 1:
-                ranks = dist.get_process_group_ranks(group)
-                self.comm = Comm(dist.new_group(ranks=ranks, backend=dist.get_backend(group)))
+                self.comm = Comm(private_group(group))
                 agree_across_ranks({"noise_multiplier": float(noise_multiplier), "max_grad_norm": float(max_grad_norm),
                                     "error_max_grad_norm": float(error_max_grad_norm),
                                     "expected_batch_size": expected_batch_size, "secure_mode": bool(secure_mode),
