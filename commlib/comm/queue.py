@@ -78,12 +78,41 @@ class Comm:
         self.bytes_sent += _ring_bytes(flat, self.world_size)
         return out
 
+    def reduce_scatter(self, rows: torch.Tensor) -> torch.Tensor:
+        """SUM over ranks of ``rows`` (``(world, chunk)``), scattered: this rank's summed row.
+        Counts (n-1)/n of the input (ring reduce-scatter traffic)."""
+        rows = rows.contiguous()
+        if self.world_size == 1:
+            return rows[0].clone()
+        out = torch.empty_like(rows[0])
+        if rows.numel():
+            _collective(_REDUCE_SCATTER, out, rows.view(-1), group=self.group)
+        self.bytes_sent += _ring_bytes(rows, self.world_size)
+        return out
+
+    def all_gather_into(self, part: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``part`` concatenated in rank order, as one tensor (ring all-gather traffic:
+        (n-1) parts)."""
+        part = part.contiguous()
+        if self.world_size == 1:
+            return part.clone()
+        out = torch.empty(self.world_size * part.numel(), dtype=part.dtype, device=part.device)
+        if part.numel():
+            _collective(_ALL_GATHER, out, part, group=self.group)
+        self.bytes_sent += part.numel() * part.element_size() * (self.world_size - 1)
+        return out
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.world_size > 1:
             _collective(dist.broadcast, tensor, src=dist.get_global_rank(self.group, src), group=self.group)
         if self.rank == src:
             self.bytes_sent += tensor.numel() * tensor.element_size() * (self.world_size - 1)
         return tensor
+
+
+# torch >= 2.10 names it reduce_scatter_single (reduce_scatter_tensor warns as deprecated there)
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class PeerFailure(RuntimeError):

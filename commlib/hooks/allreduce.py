@@ -25,8 +25,25 @@ class AllreduceState(HookState):
         kwargs.setdefault("start_iter", 0)
         super().__init__(process_group, **kwargs)
 
+    supports_hierarchy = True
+
     def compressed_job(self, buffer, views, step, bucket_index):
         return self._dense_job(buffer, views)
+
+    def hierarchical_job(self, buffer, views, step, bucket_index):
+        """Reduce-scatter inside the node, all-reduce of the 1/L slice across nodes, all-gather."""
+        def reduce_pieces(rail: Comm, pieces: list[torch.Tensor]) -> None:
+            flat = torch.cat(pieces)
+            self.count_bytes(flat.numel() * flat.element_size(), flat.numel() * flat.element_size())
+            allreduce_mean_(rail, flat)
+            for piece, mean in zip(pieces, flat.split([p.numel() for p in pieces])):
+                piece.copy_(mean)
+
+        def job(comm: Comm):
+            self.two_level([buffer.view(-1)], reduce_pieces)
+            return buffer
+
+        return job
 
 
 class CastState(HookState):
@@ -52,11 +69,28 @@ class CastState(HookState):
         kwargs.setdefault("start_iter", 0)
         super().__init__(process_group, **kwargs)
 
+    supports_hierarchy = True
+
     def compressed_job(self, buffer, views, step, bucket_index):
         def job(comm: Comm):
             wire = buffer.to(self.dtype)
             self.count_bytes(wire.numel() * wire.element_size(), buffer.numel() * buffer.element_size())
             allreduce_mean_(comm, wire)
             return buffer.copy_(wire)
+
+        return job
+
+    def hierarchical_job(self, buffer, views, step, bucket_index):
+        """Dense in the gradient's dtype inside the node; the 1/L slice crosses nodes in 16 bits."""
+        def reduce_pieces(rail: Comm, pieces: list[torch.Tensor]) -> None:
+            wire = torch.cat(pieces).to(self.dtype)
+            self.count_bytes(wire.numel() * wire.element_size(), wire.numel() * pieces[0].element_size())
+            allreduce_mean_(rail, wire)
+            for piece, mean in zip(pieces, wire.split([p.numel() for p in pieces])):
+                piece.copy_(mean)
+
+        def job(comm: Comm):
+            self.two_level([buffer.view(-1)], reduce_pieces)
+            return buffer
 
         return job

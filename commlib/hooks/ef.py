@@ -99,6 +99,36 @@ class ErrorFeedbackState(HookState):
 
         return job
 
+    supports_hierarchy = True
+
+    def hierarchical_job(self, buffer, views, step, bucket_index):
+        """Two levels (:meth:`~commlib.hooks.state.HookState.two_level`): each compressible parameter
+        is reduced densely inside the node; local rank j compresses piece j of the node's mean of
+        every parameter with error feedback on that piece (1/L of the residual memory) and exchanges
+        it across its rail with this state's collective; the node all-gathers the pieces. 1-D and
+        unshrinkable parameters take the same path densely."""
+        def compressed(rail: Comm, pieces: list[torch.Tensor], group) -> None:
+            self.reduce_compressed(rail, [ParamView(self.piece_key(v.key), piece, 0)
+                                          for v, piece in zip(group, pieces)], step)
+
+        def dense(rail: Comm, pieces: list[torch.Tensor], group) -> None:
+            flat = torch.cat(pieces)
+            self.count_bytes(flat.numel() * flat.element_size(), flat.numel() * flat.element_size())
+            allreduce_mean_(rail, flat)
+            for piece, mean in zip(pieces, flat.split([p.numel() for p in pieces])):
+                piece.copy_(mean)
+
+        def job(comm: Comm):
+            chosen = [v for v in views if self.compressible(v)]
+            plain = [v for v in views if not self.compressible(v)]
+            for group, reduce_pieces in ((plain, dense), (chosen, compressed)):
+                if group:
+                    self.two_level([v.grad for v in group],
+                                   lambda rail, pieces, group=group, f=reduce_pieces: f(rail, pieces, group))
+            return buffer
+
+        return job
+
     def reduce_compressed(self, comm: Comm, chosen: list[ParamView], step: int) -> None:
         """Error feedback in two passes per parameter (the fused kernels where the compressor has
         them): compress ``g + e`` reading both in place, run the collective, and only then, if every

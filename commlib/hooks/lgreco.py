@@ -295,6 +295,7 @@ class LGreCoEFState(LGreCoMixin, ErrorFeedbackState):
 
     name = "lgreco"
     per_rank_buffers = ErrorFeedbackState.per_rank_buffers + ("lgreco_accumulated", "lgreco_tainted")
+    supports_hierarchy = False  # a setting per layer: a slice of a bucket spans layers
 
     def __init__(self, process_group=None, *, family: str = "topk", density: float = 0.01, bits: int = 4,
                  bucket_size: int = 512, exact: bool = True, candidates=None, alpha: float = 1.0,

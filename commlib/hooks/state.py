@@ -13,6 +13,7 @@ import torch.distributed as dist
 from commlib.comm.agree import agree_across_ranks
 from commlib.comm.patterns import allreduce_mean_, split_like
 from commlib.comm.queue import Comm, OrderedQueue, PeerFailure, carrying_errors, future_for
+from commlib.comm.topology import Layout, Topology, check_against_environment, node_groups
 from commlib.compress.base import derive_seed, tensor_is_finite
 
 
@@ -38,6 +39,8 @@ def strip_ddp_prefix(name: str) -> str:
 
 
 FORMAT = "commlib.hook_state/2"
+HIERARCHICAL = ("auto", True, False)
+HIERARCHICAL_HOOKS = ("allreduce", "fp16", "bf16", "ef")
 ON_MISMATCH = ("error", "reset")
 
 
@@ -86,7 +89,8 @@ class HookState:
     per_rank_buffers: tuple[str, ...] = ()
 
     def __init__(self, process_group=None, *, model=None, start_iter: int = 2, seed: int = 0,
-                 timeout: float | None = None, finiteness: str | None = None):
+                 timeout: float | None = None, finiteness: str | None = None, hierarchical="auto",
+                 topology: Topology | None = None):
         self.start_iter = require_start_iter(start_iter) if self.stateful else max(0, int(start_iter))
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
@@ -96,6 +100,15 @@ class HookState:
         if finiteness not in (None, "host", "device"):
             raise ValueError(f"finiteness must be 'host', 'device' or None (device for CUDA buckets), got "
                              f"{finiteness!r}")
+        if hierarchical not in HIERARCHICAL or isinstance(hierarchical, int) and not isinstance(hierarchical, bool):
+            raise ValueError(f"hierarchical must be 'auto', True or False, got {hierarchical!r}")
+        if topology is not None and not isinstance(topology, Topology):
+            raise ValueError(f"topology must be a commlib.comm.Topology, got {topology!r}")
+        self.hierarchical = hierarchical
+        self.topology = topology
+        self.layout: Layout | None = None  # set at bind when the two-level exchange is on
+        self.intra: Comm | None = None  # the node's ranks (dense hops)
+        self.rail: Comm | None = None  # this local index on every node (the compressed hop)
         self.seed = seed
         self.process_group = process_group
         self.timeout = timeout
@@ -163,6 +176,7 @@ class HookState:
                                       datetime.timedelta(seconds=self.timeout) if self.timeout else None)
             if self.model is not None:
                 self._keys = {id(p): strip_ddp_prefix(n) for n, p in self.model.named_parameters()}
+            self._resolve_hierarchy()
             agree_across_ranks(self.agreement_fields(), self.queue.group, f"commlib {self.name} hook")
             self.on_bind()
             if self._pending_load is not None:
@@ -170,6 +184,44 @@ class HookState:
                 self._pending_load = None
                 self._apply_load(state, policy)
         return self
+
+    def _resolve_hierarchy(self) -> None:
+        """Decide, at bind, whether buckets take the two-level path (see :meth:`hierarchical_job`):
+        ``hierarchical=True`` needs a topology with more than one rank per node and more than one
+        node and a hook that has the two-level form (else ``ValueError``); ``"auto"`` takes it
+        when all that holds and otherwise stays flat."""
+        if self.hierarchical is False:
+            return
+        explicit = self.hierarchical is True
+        topology = self.topology or Topology.detect()
+        if topology is None:
+            if explicit:
+                raise ValueError(f"{self.name} hook: hierarchical=True needs a topology: pass topology="
+                                 "commlib.comm.Topology(ranks_per_node=L), or launch with torchrun (LOCAL_WORLD_SIZE)")
+            return
+        check_against_environment(topology, dist.get_rank())
+        try:
+            layout = topology.layout(dist.get_process_group_ranks(self.queue.group))
+        except ValueError:
+            if explicit:
+                raise
+            return  # uneven nodes: "auto" keeps the flat exchange
+        if not layout.hierarchical:
+            return  # one rank per node, or one node: the flat exchange is the two-level one
+        if not self.supports_hierarchy:
+            if explicit:
+                raise ValueError(f"the {self.name} hook has no two-level (hierarchical) form yet; hierarchical "
+                                 f"hooks: {', '.join(HIERARCHICAL_HOOKS)}. Pass hierarchical=False")
+            return
+        intra, rail = node_groups(layout, base=self.queue.group,
+                                  timeout=datetime.timedelta(seconds=self.timeout) if self.timeout else None)
+        self.layout, self.intra, self.rail = layout, Comm(intra), Comm(rail)
+        self.topology = topology
+
+    @property
+    def is_two_level(self) -> bool:
+        """Whether this state's buckets take the hierarchical path (known once bound)."""
+        return self.layout is not None
 
     def agreement_fields(self) -> dict:
         """What every rank must configure alike (rule 7), checked once at :meth:`bind`: method,
@@ -181,7 +233,8 @@ class HookState:
             layout = [[strip_ddp_prefix(n), list(p.shape), str(p.dtype)] for n, p in self.model.named_parameters()
                       if p.requires_grad]
         return {"method": self.name, "options": self.options(), "seed": self.seed, "start_iter": self.start_iter,
-                "keyed_by": self.keyed_by, "layout": layout}
+                "keyed_by": self.keyed_by, "layout": layout,
+                "topology": self.layout.describe() if self.layout is not None else None}
 
     def on_bind(self) -> None:
         """Subclasses: checks and buffers that need the world size (runs once, in :meth:`bind`)."""
@@ -189,7 +242,10 @@ class HookState:
     def close(self) -> None:
         """Stop the queue's thread and destroy the private process group (idempotent)."""
         if self.queue is not None:
-            self.queue.close()
+            stopped = self.queue.close()
+            for comm in (self.intra, self.rail) if stopped else ():
+                if comm is not None and dist.is_initialized():
+                    dist.destroy_process_group(comm.group)
             self.queue = None
         self.closed = True
 
@@ -226,6 +282,8 @@ class HookState:
             return failed
         if step < self.start_iter or step < self.dense_until:
             job = self._dense_job(buffer, views)
+        elif self.layout is not None:
+            job = self.hierarchical_job(buffer, views, step, bucket.index())
         elif self.one_round_per_step:
             return self._aggregated(buffer, views, step, is_last)
         else:
@@ -303,6 +361,57 @@ class HookState:
     def compressed_job(self, buffer: torch.Tensor, views: list[ParamView], step: int, bucket_index: int):
         """A function ``job(comm) -> buffer`` that reduces the bucket (runs on the queue's thread)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ the two-level (hierarchical) path
+    supports_hierarchy = False  # states with a hierarchical_job of their own set this
+
+    def hierarchical_job(self, buffer: torch.Tensor, views: list[ParamView], step: int, bucket_index: int):
+        """Like :meth:`compressed_job`, through :meth:`two_level` (hooks that support it override)."""
+        raise NotImplementedError
+
+    def two_level(self, tensors: list[torch.Tensor], reduce_pieces) -> None:
+        """The mean over every rank of each tensor in ``tensors`` (in place), in three hops:
+
+        1. a dense reduce-scatter inside the node: local rank j receives piece j of every tensor
+           (each cut into L pieces, the last zero-padded) summed over the node, divided by L;
+        2. ``reduce_pieces(rail, pieces)`` turns this rank's pieces into their means over the nodes
+           (in place), across the rail (the same local index on every node): the compressed hop;
+        3. a dense all-gather inside the node puts every piece back.
+
+        Tensors are cut one by one, so the pieces (and their error-feedback residuals, keyed by
+        :meth:`piece_key`) do not depend on how DDP groups parameters into buckets. Rule 5 across the
+        levels: the reduce-scatter carries one more value per rank, 0 or NaN for whether its tensors
+        were finite, added to every piece; a node that saw inf/NaN anywhere poisons all its pieces,
+        so every rail, every rank's result and every error-feedback gate see it alike."""
+        intra, local_ranks = self.intra, self.intra.world_size
+        sizes = [-(-t.numel() // local_ranks) for t in tensors]
+        total = sum(sizes)
+        like = tensors[0]
+        rows = torch.zeros(local_ranks, total + 1, dtype=like.dtype, device=like.device)
+        offset = 0
+        for t, size in zip(tensors, sizes):
+            flat = t.reshape(-1)
+            full, rest = divmod(flat.numel(), size) if size else (0, 0)
+            rows[:full, offset : offset + size].copy_(flat[: full * size].view(full, size))
+            if rest:
+                rows[full, offset : offset + rest].copy_(flat[full * size :])
+            offset += size
+        # 0 where this rank's tensors are finite, NaN otherwise: decided on the device, no host read
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+        rows[:, total] = torch.where(finite, 0.0, float("nan")).to(like.dtype)
+        summed = intra.reduce_scatter(rows)
+        part = summed[:total].div_(local_ranks)
+        part.add_(summed[total])  # + 0, or NaN when a rank of this node saw inf/NaN
+        reduce_pieces(self.rail, list(part.split(sizes)))
+        whole = intra.all_gather_into(part).view(local_ranks, total)
+        offset = 0
+        for t, size in zip(tensors, sizes):
+            t.view(-1).copy_(whole[:, offset : offset + size].reshape(-1)[: t.numel()])
+            offset += size
+
+    def piece_key(self, key: str) -> str:
+        """The key of this rank's piece of parameter ``key`` on the two-level path."""
+        return f"{key}/piece{self.intra.rank}of{self.intra.world_size}"
 
     def prepare(self, comm: Comm, step: int) -> None:
         """Runs on the queue's thread before each bucket's job: the place for collectives that are
@@ -453,6 +562,11 @@ class HookState:
             "hook_seconds": self.last_step_hook_seconds,
             "hook_seconds_total": self.total_hook_seconds,
             "per_layer": {k: dict(v) for k, v in self.per_layer.items()},
+            "hierarchical": None if self.layout is None else {"nodes": self.layout.node_count,
+                                                              "ranks_per_node": self.layout.ranks_per_node},
+            "wire_bytes_intra_total": self.intra.bytes_sent if self.intra is not None else 0,
+            "wire_bytes_inter_total": self.rail.bytes_sent if self.rail is not None else (
+                self.queue.comm.bytes_sent if self.queue is not None else 0),
         }
 
     def options(self) -> dict:
@@ -479,6 +593,7 @@ class HookState:
             "skipped_steps": self.skipped_steps,
             "resets": self.resets,
             "tensor_keys": "\n".join(tensor_keys(buffers)),
+            "node_layout": self.layout.describe() if self.layout is not None else None,
             "buffers": buffers,
         }
         return {"format": FORMAT, "method": self.name, "world_size": self.world_size, f"rank{self.rank}": mine}
@@ -499,6 +614,10 @@ class HookState:
     def _apply_load(self, state: dict, on_mismatch: str) -> None:
         rank, world = self.rank, self.world_size
         mine, problems = pick_rank_state(state, rank, world, self.name)
+        layout_now = self.layout.describe() if self.layout is not None else None
+        if mine.get("node_layout") != layout_now:  # the residuals are of slices of another layout
+            problems.append(f"saved with the node layout {mine.get('node_layout')}, loading with {layout_now} "
+                            "(None: the flat exchange)")
         if not self.per_rank_buffers:
             problems = []  # nothing in this state belongs to one rank
         fatal = self._unfit(mine)

@@ -1,0 +1,319 @@
+"""Hierarchical hooks on 2 nodes x 2 ranks (gloo, fork): dense inside the node, compressed across."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from commlib import compress, hooks
+from commlib.comm import Topology
+from commlib.compress.base import derive_seed
+from commlib.hooks.state import _stable_hash
+from tests.conftest import run_world
+
+from .ddp_harness import Net, batch
+
+TOPO = Topology(ranks_per_node=2)
+ROWS, COLS = 24, 20
+
+
+class Fixed(nn.Module):
+    """Gradients chosen by the test: loss = <W, T> + <b, t>, so dW = T and db = t exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(ROWS, COLS))
+        self.bias = nn.Parameter(torch.zeros(ROWS))
+
+    def forward(self, targets):
+        t_w, t_b = targets
+        return (self.weight * t_w).sum() + (self.bias * t_b).sum()
+
+
+def fixed_grads(rank: int, step: int):
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(ROWS, COLS, generator=gen), torch.randn(ROWS, generator=gen)
+
+
+def _hook_outputs(rank, world, name, options, steps):
+    model = Fixed()
+    ddp = DDP(model)
+    state, hook = hooks.make(name, model=model, hierarchical=True, topology=TOPO, **options)
+    ddp.register_comm_hook(state, hook)
+    outs = []
+    for step in range(steps):
+        model.zero_grad()
+        ddp(fixed_grads(rank, step)).backward()
+        outs.append((model.weight.grad.clone(), model.bias.grad.clone()))
+    key = next(iter(state.residuals), None) if hasattr(state, "residuals") else None
+    stats = state.stats()
+    state.close()
+    return outs, key, stats
+
+
+def simulate(name, compressor, collective, steps, key, start_iter=2, seed=0):
+    """One process, four ranks: the two-level recursion of the hook, in the hook's float order."""
+    nodes, local = [[0, 1], [2, 3]], 2
+    residuals = {}
+    outs = []
+    for step in range(steps):
+        grads = [fixed_grads(r, step) for r in range(4)]
+        if step < start_iter:  # dense warm-up over the flat group: x / 4 summed in rank order
+            w = sum((g[0] * 0.25 for g in grads), torch.zeros(ROWS, COLS))
+            b = sum((g[1] * 0.25 for g in grads), torch.zeros(ROWS))
+            outs.append((w, b))
+            continue
+        results = []
+        for part_index, compressed in ((1, False), (0, True)):
+            flats = [g[part_index].reshape(-1) for g in grads]
+            n = flats[0].numel()
+            size = -(-n // local)
+            padded = [torch.nn.functional.pad(f, (0, local * size - n)).view(local, size) for f in flats]
+            slices = {}  # (node, j) -> node mean of slice j
+            for k, node in enumerate(nodes):
+                for j in range(local):
+                    total = padded[node[0]][j] + padded[node[1]][j]
+                    slices[k, j] = total / local + 0.0
+            means = []
+            for j in range(local):  # rail j: slice j of every node
+                if not compressed:
+                    means.append(sum((slices[k, j] * 0.5 for k in range(2)), torch.zeros(size)))
+                    continue
+                skey = f"weight/piece{j}of2"
+                layer_seed = derive_seed(seed, step, _stable_hash(skey))
+                payloads = []
+                for k in range(2):
+                    v = slices[k, j] + residuals[k, j] if (k, j) in residuals else slices[k, j].clone()
+                    p = compressor.compress(v, seed=layer_seed)
+                    residuals[k, j] = v - compressor.decompress(p)
+                    payloads.append(p)
+                out = torch.zeros(size)
+                for p in payloads:
+                    compressor.decompress_add_(out, p)
+                if collective == "allgather" and compressor.touched_indices(payloads[0]) is not None:
+                    touched = torch.cat([compressor.touched_indices(p).reshape(-1) for p in payloads]).long()
+                    out[touched] = out[touched] / 2
+                else:
+                    out = out.div_(2)
+                means.append(out)
+            results.append(torch.cat(means)[:n])
+        outs.append((results[1].view(ROWS, COLS), results[0]))
+    return outs
+
+
+CASES = [
+    ("topk-allgather", compress.TopK(0.2), "allgather"),
+    ("randomk-allreduce", compress.RandomK(0.25, seed=3), "allreduce"),
+    ("qsgd-allgather", compress.QSGD(bits=4, bucket_size=64), "allgather"),
+    ("sign-allgather", compress.Sign(), "allgather"),
+]
+
+
+@pytest.mark.parametrize("label,compressor,collective", CASES, ids=[c[0] for c in CASES])
+def test_ef_equals_a_one_process_simulation_of_the_two_level_recursion(label, compressor, collective):
+    """Bit for bit: node sums, the slice's EF recursion on each rail, the mean over nodes."""
+    out = run_world(_hook_outputs, 4, args=("ef", {"compressor": compressor, "collective": collective}, 5))
+    key = out[0][1]
+    assert key == "weight/piece0of2" and out[1][1] == "weight/piece1of2"
+    want = simulate("ef", compressor, collective, 5, key)
+    for rank_outs, _, _ in out:
+        for step, ((w, b), (ww, wb)) in enumerate(zip(rank_outs, want, strict=True)):
+            if step < 2:  # the dense warm-up: gloo's flat all-reduce sums in its own order
+                torch.testing.assert_close(w, ww, rtol=1e-6, atol=1e-7)
+                continue
+            assert torch.equal(w, ww), (label, step, float((w - ww).abs().max()))
+            assert torch.equal(b, wb), (label, step)
+
+
+def _train(rank, world, name, options, hierarchical, steps=6):
+    torch.manual_seed(0)
+    model = Net()
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    state = None
+    if name is not None:
+        state, hook = hooks.make(name, model=model, hierarchical=hierarchical, topology=TOPO, **options)
+        ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(steps):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+    stats = state.stats() if state is not None else None
+    residual_numel = sum(t.numel() for t in state.residuals.values()) if hasattr(state, "residuals") else 0
+    if state is not None:
+        state.close()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), stats, residual_numel
+
+
+def _dense_vs_ddp(rank, world):
+    plain = _train(rank, world, None, {}, False)[0]
+    hier, stats, _ = _train(rank, world, "allreduce", {}, True)
+    fp16 = _train(rank, world, "fp16", {}, True)[0]
+    return plain, hier, fp16, stats
+
+
+def test_hierarchical_allreduce_equals_ddp_and_fp16_is_close():
+    for plain, hier, fp16, stats in run_world(_dense_vs_ddp, 4):
+        assert float((hier - plain).abs().max() / plain.abs().max()) <= 1e-6
+        assert float((fp16 - plain).abs().max() / plain.abs().max()) <= 1e-2
+        assert stats["hierarchical"] == {"nodes": 2, "ranks_per_node": 2}
+        assert stats["wire_bytes_inter_total"] > 0 and stats["wire_bytes_intra_total"] > 0
+
+
+HOOKS = [("ef", {"compressor": compress.TopK(0.1)}), ("ef", {"compressor": compress.Sign(), "collective": "two_phase"}),
+         ("ef", {"compressor": compress.QSGD(bits=4, bucket_size=64), "collective": "allgather"}),
+         ("ef", {"compressor": compress.RandomK(0.2)}), ("bf16", {})]
+
+
+def _identical(rank, world, index):
+    name, options = HOOKS[index]
+    hier, stats, residual = _train(rank, world, name, options, True)
+    flat, flat_stats, flat_residual = _train(rank, world, name, options, False)
+    return hier, stats, residual, flat_stats, flat_residual
+
+
+@pytest.mark.parametrize("index", range(len(HOOKS)), ids=[f"{h}-{i}" for i, (h, _) in enumerate(HOOKS)])
+def test_ranks_stay_identical_and_the_inter_node_bytes_drop(index):
+    out = run_world(_identical, 4, args=(index,))
+    for params, stats, residual, flat_stats, flat_residual in out:
+        assert torch.equal(params, out[0][0])
+        assert torch.isfinite(params).all()
+        if flat_residual:
+            assert residual * 2 <= flat_residual + 64 * 4  # the residual lives on a 1/L slice
+        # what one rank sends across nodes per step: its slice's payload, about 1/L of the flat payload
+        assert stats["wire_bytes_inter_total"] < 0.75 * flat_stats["wire_bytes_total"]
+
+
+def _inf(rank, world):
+    model = Net()
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    state, hook = hooks.make("ef", model=model, hierarchical=True, topology=TOPO, compressor=compress.TopK(0.1))
+    ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    finite, before = [], None
+    for step in range(6):
+        x, y = batch(rank, step)
+        loss = nn.functional.mse_loss(ddp(x), y)
+        if step == 4 and rank == 3:
+            loss = loss * float("inf")
+        opt.zero_grad()
+        if step == 4:
+            before = {k: v.clone() for k, v in state.residuals.items()}
+        loss.backward()
+        ok = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+        finite.append(ok)
+        if ok:
+            opt.step()
+        if step == 4:
+            kept = all(torch.equal(before[k], state.residuals[k]) for k in before)
+    state.close()
+    return finite, kept
+
+
+def test_an_overflow_on_one_rank_reaches_every_rank_and_spares_every_residual():
+    for finite, kept in run_world(_inf, 4):
+        assert finite == [s != 4 for s in range(6)]
+        assert kept
+
+
+def _resume(rank, world, path, phase, topology):
+    model = Net()
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    state, hook = hooks.make("ef", model=model, hierarchical="auto", topology=topology,
+                             compressor=compress.TopK(0.1))
+    ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    start = 0
+    if phase != "full":
+        blob = torch.load(path, weights_only=True)
+        model.load_state_dict(blob["model"])
+        try:
+            state.bind()
+            state.load_state_dict(blob["hook"])
+        except ValueError as exc:
+            state.close()
+            return str(exc)
+        start = 4
+    for step in range(start, 7):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+        if phase == "full" and step == 3:
+            gathered = hooks.gather_state_dict(state)
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "hook": gathered}, path)
+            dist.barrier()
+    state.close()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_resume_is_bit_identical_and_a_topology_change_is_refused(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    full = run_world(_resume, 4, args=(path, "full", TOPO))
+    resumed = run_world(_resume, 4, args=(path, "resume", TOPO))
+    for a, b in zip(full, resumed):
+        assert torch.equal(a, b)
+    other = run_world(_resume, 4, args=(path, "resume", Topology(ranks_per_node=4)))  # one node: flat
+    for message in other:
+        assert isinstance(message, str) and "node layout" in message
+
+
+def test_bad_arguments_and_unsupported_hooks():
+    with pytest.raises(ValueError, match="hierarchical"):
+        hooks.make("ef", hierarchical="yes")
+    with pytest.raises(ValueError, match="topology"):
+        hooks.make("ef", topology=2)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        Topology(ranks_per_node=0)
+    with pytest.raises(ValueError, match="exactly one"):
+        Topology()
+
+
+def _unsupported(rank, world):
+    state, _ = hooks.make("powersgd", rank=2, hierarchical=True, topology=TOPO)
+    try:
+        state.bind()
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        state.close()
+    return None
+
+
+def test_a_hook_without_a_two_level_form_refuses_hierarchical_true():
+    for message in run_world(_unsupported, 4):
+        assert message is not None and "no two-level" in message
+
+
+def test_topology_layouts_and_detection():
+    assert TOPO.layout(range(8)).describe() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert TOPO.layout(range(8)).rails == ((0, 2, 4, 6), (1, 3, 5, 7))
+    assert TOPO.layout([0, 2, 4, 6]).hierarchical is False  # one rank per node: flat
+    with pytest.raises(ValueError, match="unevenly"):
+        TOPO.layout([0, 1, 2])
+    assert Topology(node_of=["a", "a", "b", "b"]).layout(range(4)).describe() == [[0, 1], [2, 3]]
+    assert Topology.detect({"LOCAL_WORLD_SIZE": "8"}).ranks_per_node == 8
+    assert Topology.detect({"SLURM_NTASKS_PER_NODE": "4(x2)"}).ranks_per_node == 4
+    assert Topology.detect({}) is None
+    with pytest.raises(ValueError, match="different numbers"):
+        Topology.detect({"SLURM_NTASKS_PER_NODE": "4,2"})
+    from commlib.comm.topology import check_against_environment
+
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        check_against_environment(TOPO, 3, {"LOCAL_RANK": "0"})
+    check_against_environment(TOPO, 3, {"LOCAL_RANK": "1", "GROUP_RANK": "1"})
+
+
+def test_topology_at_scale():
+    """A planner call for 256 nodes x 8 ranks is immediate."""
+    import time
+
+    start = time.perf_counter()
+    layout = Topology(ranks_per_node=8).layout(range(2048))
+    assert layout.node_count == 256 and len(layout.rails) == 8 and len(layout.rails[0]) == 256
+    assert time.perf_counter() - start < 2.0
