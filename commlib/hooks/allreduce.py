@@ -32,15 +32,8 @@ class AllreduceState(HookState):
 
     def hierarchical_job(self, buffer, views, step, bucket_index):
         """Reduce-scatter inside the node, all-reduce of the 1/L slice across nodes, all-gather."""
-        def reduce_pieces(rail: Comm, pieces: list[torch.Tensor]) -> None:
-            flat = torch.cat(pieces)
-            self.count_bytes(flat.numel() * flat.element_size(), flat.numel() * flat.element_size())
-            allreduce_mean_(rail, flat)
-            for piece, mean in zip(pieces, flat.split([p.numel() for p in pieces])):
-                piece.copy_(mean)
-
         def job(comm: Comm):
-            self.two_level([buffer.view(-1)], reduce_pieces)
+            self.two_level([buffer.view(-1)], self.dense_pieces)
             return buffer
 
         return job

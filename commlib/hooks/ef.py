@@ -112,11 +112,7 @@ class ErrorFeedbackState(HookState):
                                           for v, piece in zip(group, pieces)], step)
 
         def dense(rail: Comm, pieces: list[torch.Tensor], group) -> None:
-            flat = torch.cat(pieces)
-            self.count_bytes(flat.numel() * flat.element_size(), flat.numel() * flat.element_size())
-            allreduce_mean_(rail, flat)
-            for piece, mean in zip(pieces, flat.split([p.numel() for p in pieces])):
-                piece.copy_(mean)
+            self.dense_pieces(rail, pieces)
 
         def job(comm: Comm):
             chosen = [v for v in views if self.compressible(v)]

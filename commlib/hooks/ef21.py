@@ -84,8 +84,8 @@ class EF21State(HookState):
 
     # ------------------------------------------------------------------ weights (EF21-W overrides)
     def weight(self, rank: int) -> float:
-        """``w_rank``; EF21 is EF21-W with ``w = 1/n``."""
-        return 1.0 / self.world_size
+        """``w_rank``; EF21 is EF21-W with ``w = 1/n`` (n the workers: nodes on the two-level path)."""
+        return 1.0 / (self.layout.node_count if self.layout is not None else self.world_size)
 
     def target(self, grad: torch.Tensor) -> torch.Tensor:
         """What ``g_i`` estimates: ``grad_i`` (EF21); EF21-W overrides with ``grad_i / (n w_i)``."""
@@ -95,28 +95,55 @@ class EF21State(HookState):
     def compressible(self, view: ParamView) -> bool:
         return view.grad.dim() > 1 and self.compressor.shrinks(view.grad.shape, view.grad.dtype)
 
-    def compressed_job(self, buffer, views, step, bucket_index):
+    supports_hierarchy = True
+
+    def hierarchical_job(self, buffer, views, step, bucket_index):
+        """Two levels: the node is EF21's worker. Each compressible parameter is reduced densely in
+        the node; local rank j runs EF21 on piece j of the node's mean (``g_i`` and ``g`` per piece:
+        1/L of the memory) across its rail; the node all-gathers the pieces. EF21's weights are then
+        per node (1 / nodes)."""
         def job(comm: Comm):
-            identity = isinstance(self.compressor, compress.Identity)
-            fresh = [v for v in views if not self.compressible(v) or v.key not in self.aggregates or identity]
-            chosen = [v for v in views if v not in fresh]
-            # dense: 1-D tensors, tensors compression would not shrink, and every parameter's first
-            # EF21 round (g_i = target_i, g = mean grad); EF21 with Identity stays here exactly.
-            starting = [v for v in fresh if self.compressible(v)]
-            targets = {v.key: self.target(v.grad).clone() for v in starting}
-            self.average_dense(comm, fresh)
-            if starting and all(self.all_finite(v.grad) for v in starting):
-                for v in starting:
-                    if not identity:
-                        self.local_estimates[v.key] = targets[v.key]
-                        self.aggregates[v.key] = v.grad.clone()
-            elif starting:
-                self.mark_skipped(step)
+            chosen = [v for v in views if self.compressible(v)]
+            plain = [v for v in views if not self.compressible(v)]
+            if plain:
+                self.two_level([v.grad for v in plain], self.dense_pieces)
             if chosen:
-                self.reduce_compressed(comm, chosen, step)
+                def rounds(rail: Comm, pieces: list[torch.Tensor]) -> None:
+                    self.ef21_round(rail, [ParamView(self.piece_key(v.key), piece, 0) for v, piece in
+                                           zip(chosen, pieces)], step, all_compressible=True)
+
+                self.two_level([v.grad for v in chosen], rounds)
             return buffer
 
         return job
+
+    def compressed_job(self, buffer, views, step, bucket_index):
+        def job(comm: Comm):
+            self.ef21_round(comm, views, step)
+            return buffer
+
+        return job
+
+    def ef21_round(self, comm: Comm, views: list[ParamView], step: int, all_compressible: bool = False) -> None:
+        """One EF21 round of ``views`` over ``comm`` (the first round of a parameter is dense)."""
+        compressible = (lambda v: True) if all_compressible else self.compressible
+        identity = isinstance(self.compressor, compress.Identity)
+        fresh = [v for v in views if not compressible(v) or v.key not in self.aggregates or identity]
+        chosen = [v for v in views if v not in fresh]
+        # dense: 1-D tensors, tensors compression would not shrink, and every parameter's first
+        # EF21 round (g_i = target_i, g = mean grad); EF21 with Identity stays here exactly.
+        starting = [v for v in fresh if compressible(v)]
+        targets = {v.key: self.target(v.grad).clone() for v in starting}
+        self.average_dense(comm, fresh)
+        if starting and all(self.all_finite(v.grad) for v in starting):
+            for v in starting:
+                if not identity:
+                    self.local_estimates[v.key] = targets[v.key]
+                    self.aggregates[v.key] = v.grad.clone()
+        elif starting:
+            self.mark_skipped(step)
+        if chosen:
+            self.reduce_compressed(comm, chosen, step)
 
     def reduce_compressed(self, comm: Comm, chosen: list[ParamView], step: int) -> None:
         n = comm.world_size
@@ -204,6 +231,7 @@ class EF21WState(EF21State):
     """
 
     name = "ef21w"
+    supports_hierarchy = False  # weights per rank (L_i): no per-node form yet
     per_rank_buffers = EF21State.per_rank_buffers + ("estimate_in_flight",)
 
     def __init__(self, process_group=None, compressor: Compressor | None = None, *, smoothness=None,

@@ -40,7 +40,7 @@ def strip_ddp_prefix(name: str) -> str:
 
 FORMAT = "commlib.hook_state/2"
 HIERARCHICAL = ("auto", True, False)
-HIERARCHICAL_HOOKS = ("allreduce", "fp16", "bf16", "ef")
+HIERARCHICAL_HOOKS = ("allreduce", "fp16", "bf16", "ef", "ef21")
 ON_MISMATCH = ("error", "reset")
 
 
@@ -408,6 +408,14 @@ class HookState:
         for t, size in zip(tensors, sizes):
             t.view(-1).copy_(whole[:, offset : offset + size].reshape(-1)[: t.numel()])
             offset += size
+
+    def dense_pieces(self, rail: Comm, pieces: list[torch.Tensor]) -> None:
+        """The dense rail hop of :meth:`two_level`: one all-reduce mean of every piece, booked."""
+        flat = torch.cat(pieces)
+        self.count_bytes(flat.numel() * flat.element_size(), flat.numel() * flat.element_size())
+        allreduce_mean_(rail, flat)
+        for piece, mean in zip(pieces, flat.split([p.numel() for p in pieces])):
+            piece.copy_(mean)
 
     def piece_key(self, key: str) -> str:
         """The key of this rank's piece of parameter ``key`` on the two-level path."""
