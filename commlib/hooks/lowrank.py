@@ -28,7 +28,7 @@ import torch
 from commlib.comm.patterns import allgather_payloads, allreduce_mean_, split_like
 from commlib.comm.queue import Comm
 from commlib.compress.base import Compressor
-from commlib.hooks.state import HookState, ParamView
+from commlib.hooks.state import HookState, ParamView, numel_bytes
 from commlib.optim import projectors as pj
 
 RESIDUALS = ("exact", "none")
@@ -92,13 +92,41 @@ class LowRankState(HookState):
             return None
         return self.optimizer.wire_projection(self.params[view.key])
 
+    supports_hierarchy = True
+
+    def hierarchical_job(self, buffer, views, step, bucket_index):
+        """The same exchange with both of its means (the dense parameters' and the projected
+        gradients' R) taken on the two-level path: R is linear in G, so the node's sum of R is R of
+        the node's sum. A compressed residual (``residual=<compressor>``) still travels over the
+        whole group."""
+        return self.compressed_job(buffer, views, step, bucket_index)
+
+    def mean_of(self, comm: Comm, tensors: list[torch.Tensor]) -> None:
+        """The mean over ranks of each tensor, in place: two-level when this state is, else one
+        flat all-reduce."""
+        if not tensors:
+            return
+        if self.layout is not None:
+            self.two_level(tensors, self.dense_pieces)
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        allreduce_mean_(comm, flat)
+        for t, mean in zip(tensors, split_like(flat, tensors)):
+            t.copy_(mean)
+
     def compressed_job(self, buffer, views, step, bucket_index):
         def job(comm: Comm):
             plans = [(v, self.plan(v)) for v in views]
             for v, plan in plans:
                 if plan is None:
                     self.optimizer.forget_wire(self.params[v.key])
-            self.average_dense(comm, [v for v, plan in plans if plan is None])
+            dense = [v for v, plan in plans if plan is None]
+            if self.layout is not None:
+                self.mean_of(comm, [v.grad for v in dense])
+                for v in dense:
+                    self.book_layer(v, numel_bytes(v.grad), compressed=False, count=False)
+            else:
+                self.average_dense(comm, dense)
             projected = [(v, plan) for v, plan in plans if plan is not None]
             if projected:
                 lows = [pj.project(pj.as_matrix(v.grad), basis, side) for v, (basis, side) in projected]
@@ -107,16 +135,19 @@ class LowRankState(HookState):
                 if isinstance(self.residual, Compressor) and self.optimizer.needs_residual():
                     local_rest = [pj.as_matrix(v.grad) - pj.project_back(low, basis, side)
                                   for (v, (basis, side)), low in zip(projected, lows)]
-                allreduce_mean_(comm, flat)
                 means = split_like(flat, lows)
+                self.mean_of(comm, means)
                 extra = self.reduce_residuals(comm, [v for v, _ in projected], local_rest, step) \
                     if local_rest is not None else [(None, 0)] * len(projected)
                 for (v, (basis, side)), mean, (rest, rest_bytes) in zip(projected, means, extra):
                     back = pj.project_back(mean, basis, side)
                     v.grad.copy_((back if rest is None else back + rest).view_as(v.grad))
                     self.optimizer.receive_projected(self.params[v.key], in_subspace=rest is None)
+                    if self.layout is not None:  # the rail hop was counted by dense_pieces
+                        self.count_bytes(rest_bytes, 0)
                     self.book_layer(v, mean.numel() * mean.element_size() + rest_bytes, compressed=True,
-                                    side="right" if side == pj.RIGHT else "left", rank=min(mean.shape))
+                                    count=self.layout is None, side="right" if side == pj.RIGHT else "left",
+                                    rank=min(mean.shape))
             return buffer
 
         return job

@@ -40,7 +40,7 @@ def strip_ddp_prefix(name: str) -> str:
 
 FORMAT = "commlib.hook_state/2"
 HIERARCHICAL = ("auto", True, False)
-HIERARCHICAL_HOOKS = ("allreduce", "fp16", "bf16", "ef", "ef21")
+HIERARCHICAL_HOOKS = ("allreduce", "fp16", "bf16", "ef", "ef21", "lowrank")
 ON_MISMATCH = ("error", "reset")
 
 
@@ -484,10 +484,13 @@ class HookState:
             v.grad.copy_(mean)
             self.book_layer(v, numel_bytes(v.grad), compressed=False)
 
-    def book_layer(self, view: ParamView, payload_bytes: int, compressed: bool = True, **detail) -> None:
-        """Count one parameter's bytes for this step and record its ``stats()["per_layer"]`` entry."""
+    def book_layer(self, view: ParamView, payload_bytes: int, compressed: bool = True, count: bool = True,
+                   **detail) -> None:
+        """Count one parameter's bytes for this step (unless ``count=False``: the two-level path
+        counts its rail hop itself) and record its ``stats()["per_layer"]`` entry."""
         dense = numel_bytes(view.grad)
-        self.count_bytes(payload_bytes, dense)
+        if count:
+            self.count_bytes(payload_bytes, dense)
         self.per_layer[view.key] = {"numel": view.grad.numel(), "compressed": compressed, **detail,
                                     "payload_bytes": payload_bytes, "dense_bytes": dense}
 

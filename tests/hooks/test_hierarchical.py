@@ -318,3 +318,40 @@ def test_topology_at_scale():
     layout = Topology(ranks_per_node=8).layout(range(2048))
     assert layout.node_count == 256 and len(layout.rails) == 8 and len(layout.rails[0]) == 256
     assert time.perf_counter() - start < 2.0
+
+
+def _lowrank(rank, world, hierarchical):
+    from commlib.optim import GaLoreAdamW
+
+    torch.manual_seed(0)
+    model = Net()
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    opt = GaLoreAdamW([{"params": others}, {"params": matrices, "rank": 4, "update_proj_gap": 3,
+                                            "projector": "dct"}], lr=1e-2)
+    state, hook = hooks.make("lowrank", optimizer=opt, model=model, hierarchical=hierarchical, topology=TOPO)
+    ddp.register_comm_hook(state, hook)
+    for step in range(7):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+    stats = state.stats()
+    state.close()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), stats
+
+
+def _lowrank_both(rank, world):
+    return _lowrank(rank, world, True), _lowrank(rank, world, False)
+
+
+def test_lowrank_hook_on_two_levels_equals_the_flat_one():
+    """R is linear in G: the node's sum of R is R of the node's sum, so GaLore through the two-level
+    hook follows the flat hook (relative 1e-5; sums in another order), with clipping every step."""
+    out = run_world(_lowrank_both, 4)
+    for (hier, stats), (flat, _) in out:
+        assert torch.equal(hier, out[0][0][0])
+        assert float((hier - flat).abs().max() / flat.abs().max()) <= 1e-5
+        assert stats["hierarchical"] == {"nodes": 2, "ranks_per_node": 2}
