@@ -77,6 +77,20 @@ LOWRANK = [
     ("fira dct, lowrank hook, sign residual", "lowrank", ["--optimizer", "fira", *_GAP, "--compressor", "Sign()"]),
     ("frugal dct, lowrank hook, sign residual", "lowrank", ["--optimizer", "frugal", *_GAP, "--compressor", "Sign()"]),
 ]
+# multi-GPU nodes (--hierarchy, with --ranks-per-node L): each method flat (every rank exchanges its
+# own payload across the NIC) and hierarchical (dense in the node, the 1/L piece across it)
+_FLAT, _HIER = ["--option", "hierarchical=False"], ["--option", "hierarchical=True"]
+_HIER_METHODS = [
+    ("commlib allreduce", "allreduce", []),
+    ("commlib fp16", "fp16", []),
+    ("commlib EF sign", "ef", ["--compressor", "Sign()", "--option", "collective=two_phase"]),
+    ("commlib EF QSGD", "ef", ["--compressor", "QSGD(bits=4)", "--option", "collective=two_phase"]),
+    ("commlib EF top-k", "ef", ["--compressor", "TopK(density=0.01)"]),
+    ("commlib EF21 top-k", "ef21", ["--compressor", "TopK(density=0.01)"]),
+]
+HIERARCHY = [("dense allreduce", "none", [])] + [
+    (f"{label}, {kind}", hook, extra + flag) for label, hook, extra in _HIER_METHODS
+    for kind, flag in (("flat", _FLAT), ("hierarchical", _HIER))]
 MODELS = {
     # GPT-2-style: wide and shallow with short sequences, so that gradients are large next to compute
     "gpt2": ["--model", "gpt2", "--dim", "512", "--layers", "2", "--heads", "8", "--context", "16", "--batch", "4"],
@@ -101,15 +115,17 @@ def bandwidth_bytes_per_second(text: str) -> float:
 def setting_label(hook: str, extra: list[str]) -> str:
     parts = []
     for flag, value in zip(extra[::2], extra[1::2]):
+        if value.startswith("hierarchical="):
+            continue  # said by the method's label
         parts.append(f"one {value} MB bucket" if flag == "--bucket-cap-mb" else value)
     return ", ".join(parts) if parts else "-"
 
 
-def run_one(cluster, model_args, hook, extra, steps, warmup, port) -> dict:
+def run_one(cluster, model_args, hook, extra, steps, warmup, port, ranks_per_node: int = 1) -> dict:
     args = ["-m", "commlib.workloads", *model_args, "--hook", hook, *extra, "--steps", str(steps),
             "--warmup", str(warmup), "--timeout", "120"]
     try:
-        outputs = cluster.torchrun(args, port=port, timeout=600)
+        outputs = cluster.torchrun(args, nproc_per_node=ranks_per_node, port=port, timeout=900)
     except RuntimeError as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         raised = [ln for ln in lines if ("Error:" in ln or "Exception:" in ln or "error:" in ln)
@@ -193,12 +209,17 @@ def main() -> None:
                         help="run the low-rank optimizer rows (dense DDP vs the lowrank hook) instead of the hooks")
     parser.add_argument("--fsdp", action="store_true",
                         help="also run FSDP2 rows (plain, compressed, low-rank; from bench_fsdp.py) as a second table")
+    parser.add_argument("--ranks-per-node", type=int, default=1,
+                        help="ranks per emulated node (they share its namespace: intra-node traffic is loopback)")
+    parser.add_argument("--hierarchy", action="store_true",
+                        help="run the multi-GPU-node rows: each method flat and hierarchical (use --ranks-per-node)")
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
     args = parser.parse_args()
     models = (args.models or ("gpt2-large,resnet" if args.full else "gpt2")).split(",")
     steps = args.steps or (60 if args.full else 20)
     warmup = args.warmup or (10 if args.full else 6)
-    configs = LOWRANK if args.lowrank else QUICK + (FULL_EXTRA + LOWRANK if args.full else [])
+    configs = (HIERARCHY if args.hierarchy else LOWRANK if args.lowrank
+               else QUICK + (FULL_EXTRA + LOWRANK if args.full else []))
     if args.only:
         wanted = [w.strip().lower() for w in args.only.split(",")]
         configs = [c for c in configs if any(w in f"{c[0]} {setting_label(c[1], c[2])}".lower() for w in wanted)]
@@ -220,7 +241,8 @@ def main() -> None:
         for i, (model_name, (method, hook, extra)) in enumerate(bar):
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(f"{model_name} {method} {setting_label(hook, extra)}")
-            r = run_one(cluster, MODELS[model_name], hook, extra, steps, warmup, port=29500 + i % 50)
+            r = run_one(cluster, MODELS[model_name], hook, extra, steps, warmup, port=29500 + i % 50,
+                        ranks_per_node=args.ranks_per_node)
             r.update(model_name=model_name, method=method, hook=hook, setting=setting_label(hook, extra))
             r.pop("losses", None)
             r.pop("step_seconds", None)
@@ -236,12 +258,13 @@ def main() -> None:
         report += "\n\nFSDP2 (gpt2 model; vs plain FSDP2, DDP + AdamW as the reference row):\n\n"
         report += bench_fsdp.table(fsdp_rows, link_bps)
     where = f"emulated nodes, links shaped to {args.bandwidth}" if emulated else "ranks on UNSHAPED loopback"
-    print(f"\n{args.nodes} {where}"
+    print(f"\n{args.nodes} {where}, {args.ranks_per_node} rank(s) per node"
           f"{'' if not emulated or cluster.latency_emulated else ' (no added latency: no sch_netem)'}; "
           f"{steps} steps, {warmup} warm-up; {time.time() - started:.0f} s\n")
     print(report)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"nodes": args.nodes, "bandwidth": args.bandwidth, "latency": args.latency, "emulated": emulated,
+    meta = {"nodes": args.nodes, "ranks_per_node": args.ranks_per_node, "bandwidth": args.bandwidth,
+            "latency": args.latency, "emulated": emulated,
             "latency_emulated": bool(emulated and cluster.latency_emulated), "steps": steps, "warmup": warmup,
             "date": time.strftime("%Y-%m-%d %H:%M")}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "fsdp_rows": fsdp_rows}, indent=1))

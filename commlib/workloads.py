@@ -381,6 +381,7 @@ def train(args: argparse.Namespace) -> dict:
         result["skipped_steps"] = stats["skipped_steps"]
         if "lgreco" in stats:
             result["lgreco_plan"] = stats["lgreco"]["plan"]
+        result["hierarchical"] = stats.get("hierarchical")
     return result
 
 
