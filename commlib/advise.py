@@ -14,7 +14,10 @@ The model (alpha-beta network cost, Hockney 1994, with overlap of communication 
   memory traffic of its fused path (:attr:`Method.bytes_per_element`) over ``--mem-gbps``, or, with
   ``--calibrate``, the real hook code timed on this machine's device (:func:`calibrate`);
 * ``egress_bytes``: what one node's NIC sends per step for the method's collective pattern
-  (:func:`node_egress_bytes`; intra-node traffic is taken as free: NVLink-class links);
+  (:func:`node_egress_bytes`). The hierarchical forms (``hierarchical=True`` hooks) send each local
+  rank's 1/L piece across its rail, so the node's NIC carries what one rank per node would; their
+  two dense intra-node hops cost ``2 (L - 1) / L`` of the gradient over ``Cluster.intra_gbps`` and
+  about 24 bytes per element of extra memory traffic, and each rank compresses 1/L of the gradient;
 * ``overlap``: the fraction of ``T_compute`` that communication can hide behind (DDP overlaps its
   buckets with backward, roughly two thirds of compute, less the first bucket's wait).
 
@@ -57,6 +60,7 @@ class Cluster:
     efficiency: float = 0.9
     transfer_gbps: float = math.inf
     hook_slowdown: float = 1.0
+    intra_gbps: float = 200.0  # the node's fabric per GPU, GB/s (NVLink-class), for the two-level hops
 
     @property
     def world(self) -> int:
@@ -87,6 +91,7 @@ class Method:
     hook: str = ""  # the hooks.make(...) call it stands for, shown to the user
     options: dict = field(default_factory=dict)
     per_step: bool = False  # rounds per step rather than per bucket (PowerSGD's one_round_per_step)
+    hierarchical: bool = False  # the two-level form: dense in the node, the 1/L piece across it
 
 
 def _powersgd_payload(rank: int):
@@ -109,6 +114,13 @@ METHODS = [
     Method("EF top-k 1%", "allgather", lambda p, b, h: 0.01 * p * (b + 4), 1, 56.0,
            'hooks.make("ef", compressor=TopK(0.01))'),
 ]
+# the two-level forms (hierarchical=True): the same payload per node, one piece per local rank
+HIERARCHICAL_METHODS = [
+    Method(f"{m.name}, hierarchical", m.pattern, m.payload, m.rounds, m.bytes_per_element,
+           m.hook.replace(")", ", hierarchical=True)") if m.hook.startswith("hooks") else m.hook, dict(m.options),
+           m.per_step, hierarchical=True)
+    for m in METHODS if m.name in ("fp16 cast", "EF sign, two-phase", "EF QSGD 4-bit, two-phase", "EF top-k 1%")]
+TWO_LEVEL_BYTES_PER_ELEMENT = 24.0  # the node's pieces gathered and scattered back: ~3 passes of 8 bytes
 
 
 def node_egress_bytes(pattern: str, payload: float, nodes: int, gpus_per_node: int) -> float:
@@ -161,22 +173,43 @@ def predict(method: Method, cluster: Cluster, params: float, compute_seconds: fl
     overrides the formula (e.g. a measured per-step count)."""
     payload = method.payload(params, grad_bytes, hidden) if payload_bytes is None else payload_bytes
     buckets = max(1, math.ceil(params * grad_bytes / BUCKET_BYTES))
-    egress = node_egress_bytes(method.pattern, payload, cluster.nodes, cluster.gpus_per_node)
-    comm = cluster.seconds_for(egress, messages_per_step(method.pattern, method.rounds,
-                                                         1 if method.per_step else buckets, cluster.nodes,
-                                                         cluster.world))
     per_element = (method.bytes_per_element / (mem_gbps * 1e9) if seconds_per_element is None
                    else seconds_per_element)
-    hook = per_element * params * cluster.hook_slowdown
+    local = cluster.gpus_per_node
+    if method.hierarchical and local > 1 and cluster.nodes > 1:
+        # each local rank exchanges its 1/L piece across its rail (one rank per node): the node's NIC
+        # carries what one rank per node would send; the dense hops inside the node (reduce-scatter,
+        # all-gather: 2 (L - 1) / L of the gradient) run on the node's fabric
+        egress = node_egress_bytes(method.pattern, payload, cluster.nodes, 1)
+        messages = messages_per_step(method.pattern, method.rounds, 1 if method.per_step else buckets,
+                                     cluster.nodes, cluster.nodes) + 2 * buckets * (local - 1)
+        intra = 2 * (local - 1) / local * params * grad_bytes / (cluster.intra_gbps * 1e9)
+        comm = cluster.seconds_for(egress, messages) + intra
+        hook = (per_element / local + TWO_LEVEL_BYTES_PER_ELEMENT / (mem_gbps * 1e9)) * params * cluster.hook_slowdown
+    else:
+        egress = node_egress_bytes(method.pattern, payload, cluster.nodes, cluster.gpus_per_node)
+        comm = cluster.seconds_for(egress, messages_per_step(method.pattern, method.rounds,
+                                                             1 if method.per_step else buckets, cluster.nodes,
+                                                             cluster.world))
+        hook = per_element * params * cluster.hook_slowdown
     exposed = max(0.0, comm - overlap * compute_seconds)
     return Prediction(method.name, compute_seconds + hook + exposed, compute_seconds, hook, comm, exposed, payload)
 
 
 def advise(cluster: Cluster, params: float, compute_seconds: float, *, methods=None, costs: dict | None = None,
            **kwargs) -> list[Prediction]:
-    """Predictions for ``methods`` (default :data:`METHODS`), speedups against dense all-reduce."""
-    methods = METHODS if methods is None else methods
-    out = [predict(m, cluster, params, compute_seconds, seconds_per_element=(costs or {}).get(m.name), **kwargs)
+    """Predictions for ``methods`` (default :data:`METHODS`, plus :data:`HIERARCHICAL_METHODS` on
+    nodes of several GPUs), speedups against dense all-reduce. A hierarchical method's calibrated
+    cost is its flat form's."""
+    if methods is None:
+        methods = METHODS + (HIERARCHICAL_METHODS if cluster.gpus_per_node > 1 and cluster.nodes > 1 else [])
+    costs = dict(costs or {})
+    for m in methods:
+        if m.hierarchical and m.name not in costs:
+            flat = m.name.removesuffix(", hierarchical")
+            if flat in costs:
+                costs[m.name] = costs[flat]
+    out = [predict(m, cluster, params, compute_seconds, seconds_per_element=costs.get(m.name), **kwargs)
            for m in methods]
     dense = next(p for p in out if p.method == METHODS[0].name) if any(
         p.method == METHODS[0].name for p in out) else predict(METHODS[0], cluster, params, compute_seconds, **kwargs)
@@ -297,10 +330,11 @@ def hidden_for(params: float) -> int:
 def report(predictions: list[Prediction], cluster: Cluster, params: float, assumptions: list[str]) -> str:
     lines = [f"{params / 1e9:.2f}B parameters on {cluster.nodes} nodes x {cluster.gpus_per_node} GPUs, "
              f"{cluster.gbit:g} Gbit/s per node", ""]
-    lines.append(f"{'method':<26} {'speedup':>8} {'step ms':>9} {'hook ms':>8} {'comm ms':>9} {'exposed':>8} "
+    width = max(26, *(len(p.method) for p in predictions))
+    lines.append(f"{'method':<{width}} {'speedup':>8} {'step ms':>9} {'hook ms':>8} {'comm ms':>9} {'exposed':>8} "
                  f"{'MB sent/rank':>12}")
     for p in predictions:
-        lines.append(f"{p.method:<26} {p.speedup:>7.2f}x {1e3 * p.step_seconds:>9.1f} {1e3 * p.hook_seconds:>8.1f} "
+        lines.append(f"{p.method:<{width}} {p.speedup:>7.2f}x {1e3 * p.step_seconds:>9.1f} {1e3 * p.hook_seconds:>8.1f} "
                      f"{1e3 * p.comm_seconds:>9.1f} {1e3 * p.exposed_comm_seconds:>8.1f} {p.payload_bytes / 1e6:>12.2f}")
     dense = predictions[0]
     best = max(predictions, key=lambda p: p.speedup)
@@ -359,7 +393,7 @@ def main(argv=None) -> None:
            f"(6 x params x {args.tokens:g} tokens at {args.tflops:g} TFLOP/s)"),
         f"gradients of {args.grad_bytes} bytes, DDP buckets of 25 MB; matrices of ({hidden}, {4 * hidden})",
         f"links at {100 * args.efficiency:.0f}% of {args.gbit:g} Gbit/s, {args.latency_us:g} us per message; "
-        "intra-node traffic free (NVLink-class), all-reduce hierarchical",
+        "all-reduce hierarchical; the two-level hooks' intra-node hops at 200 GB/s per GPU",
         f"communication hides behind {100 * args.overlap:.0f}% of compute",
     ]
     costs = None

@@ -92,3 +92,21 @@ def test_loopback_comm_matches_identical_ranks():
     assert torch.equal(comm.all_reduce(t.clone()), 3 * t)
     assert all(torch.equal(x, t) for x in comm.all_gather(t))
     assert torch.equal(comm.all_to_all(t), torch.tensor([0.0, 1.0] * 3))
+
+
+def test_hierarchical_forms_send_what_one_rank_per_node_would():
+    """The two-level hooks: the node's NIC carries the 1-rank-per-node figure whatever L, and on 16
+    nodes x 8 GPUs at 200 Gbit/s (7B) EF sign pays (flat: 0.49x dense)."""
+    cluster = advise.Cluster(16, 8, 200.0)
+    compute = advise.compute_seconds_for(7e9, 8192, 400.0)
+    out = {p.method: p for p in advise.advise(cluster, 7e9, compute)}
+    flat, hier = out["EF sign, two-phase"], out["EF sign, two-phase, hierarchical"]
+    assert flat.speedup < 0.6 and hier.speedup >= 1.0
+    one_per_node = advise.predict(advise.METHODS[4], advise.Cluster(16, 1, 200.0), 7e9, compute)
+    assert hier.comm_seconds >= one_per_node.comm_seconds  # plus the intra-node hops
+    sign = next(m for m in advise.HIERARCHICAL_METHODS if m.name.startswith("EF sign"))
+    assert "hierarchical=True" in sign.hook
+    # one node, or one rank per node: no hierarchical rows
+    assert not any(p.method.endswith("hierarchical") for p in advise.advise(advise.Cluster(1, 8, 200.0), 7e9, compute))
+    assert not any(p.method.endswith("hierarchical") for p in advise.advise(advise.Cluster(16, 1, 200.0), 7e9,
+                                                                            compute))
