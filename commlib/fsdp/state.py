@@ -11,6 +11,7 @@ from torch.distributed.fsdp import FSDPModule
 from commlib.compress import Compressor
 from commlib.fsdp import codec
 from commlib.fsdp.reduce_scatter import CompressedReduceScatter
+from commlib.fsdp.replicate import ReplicaCompression, group_of, module_mesh
 from commlib.hooks.state import (
     FORMAT,
     ON_MISMATCH,
@@ -53,7 +54,7 @@ class GradientCompression:
     """
 
     name = "fsdp_compress"
-    per_rank_buffers = ("residuals", "warm_q")
+    per_rank_buffers = ("residuals", "warm_q", "replica_residuals")
 
     def __init__(self, compressor: Compressor, error_feedback=False, process_group=None, seed: int = 0):
         if not isinstance(compressor, Compressor):
@@ -68,6 +69,7 @@ class GradientCompression:
         self.process_group = process_group
         self.seed = seed
         self.comms: list[CompressedReduceScatter] = []
+        self.replica: ReplicaCompression | None = None  # HSDP: the compressed replica all-reduce
         self.pool = codec.BufferPool()
         # random-k's indices are rebuilt by the receiver from the seed: every sender uses the row's seed
         self.shared_seed = bool(compressor.compress(torch.zeros(8), seed=0).context)
@@ -79,7 +81,10 @@ class GradientCompression:
     def stats(self) -> dict:
         sent = sum(c.bytes_sent for c in self.comms)
         dense = sum(c.bytes_dense for c in self.comms)
-        return {
+        inter = self.replica.stats() if self.replica is not None else None
+        if inter is not None:
+            sent, dense = sent + inter["bytes_sent"], dense + inter["bytes_dense"]
+        out = {
             "method": self.name,
             "compressor": repr(self.compressor),
             "error_feedback": self.error_feedback,
@@ -98,6 +103,14 @@ class GradientCompression:
                                     "step": c.step}
                            for c in self.comms},
         }
+        if inter is not None:
+            out["inter_node"] = inter
+            out["total_bytes_sent"] += inter["total_bytes_sent"]
+            out["total_bytes_dense"] += inter["total_bytes_dense"]
+            out["skipped_steps"] = max(out["skipped_steps"], inter["skipped_steps"])
+            out["residual_bytes"] += inter["residual_bytes"]
+            out["step"] = max(out["step"], max(self.replica.steps.values(), default=0))
+        return out
 
     def residual_bytes(self) -> int:
         """Memory this rank holds for error feedback (and PowerSGD warm starts)."""
@@ -106,7 +119,9 @@ class GradientCompression:
 
     # ------------------------------------------------------------------ checkpoints
     def options(self) -> dict:
-        return {"compressor": repr(self.compressor), "error_feedback": str(self.error_feedback), "seed": self.seed}
+        return {"compressor": repr(self.compressor), "error_feedback": str(self.error_feedback), "seed": self.seed,
+                "hsdp": list(self.replica.mesh_shape) if self.replica is not None else None,
+                "reduce_scatter": "compressed" if self.comms else "dense"}
 
     def _rank_world(self) -> tuple[int, int]:
         require_initialized()
@@ -116,6 +131,8 @@ class GradientCompression:
         return {
             "residuals": {c.name or "root": c.residual for c in self.comms if c.residual is not None},
             "warm_q": {f"{c.name or 'root'}/{j}/{s}": q for c in self.comms for (j, s), q in sorted(c.warm_q.items())},
+            "replica_residuals": dict(self.replica.engine.residuals) if self.replica is not None else {},
+            "replica_steps": dict(self.replica.steps) if self.replica is not None else {},
         }
 
     def state_dict(self) -> dict:
@@ -167,6 +184,10 @@ class GradientCompression:
                 owner, j, s = name.rsplit("/", 2)
                 if owner == key:
                     c.warm_q[(int(j), int(s))] = q.clone()
+        if self.replica is not None:
+            self.replica.engine.residuals = ({} if worst == 1 else
+                                             {k: v.clone() for k, v in buffers.get("replica_residuals", {}).items()})
+            self.replica.steps = {k: int(v) for k, v in buffers.get("replica_steps", {}).items()}
 
     def _misshapen(self, mine: dict, world: int) -> str | None:
         """A saved residual whose shape is not this module's ``(world, chunk)`` (``chunk``: the sum
@@ -204,7 +225,8 @@ class GradientCompression:
 
 
 def compress_gradients(module: torch.nn.Module, compressor: Compressor, *, error_feedback=False,
-                       process_group=None, seed: int = 0) -> GradientCompression:
+                       process_group=None, seed: int = 0, replicate=None, reduce_scatter: str | None = None,
+                       collective: str = "auto") -> GradientCompression:
     r"""Compress FSDP2's gradient reduce-scatter on every ``fully_shard``-ed module under ``module``.
 
     Arguments:
@@ -217,6 +239,15 @@ def compress_gradients(module: torch.nn.Module, compressor: Compressor, *, error
             half the memory, rounding the residual to 8 mantissa bits).
         process_group: for the state's checks (FSDP passes its own group to each call).
         seed: base of the per-(step, module, row) seeds of the stochastic compressors.
+        replicate: for HSDP, the replicas' mesh (``mesh["replicate"]``) or process group, with
+            the model ``fully_shard``-ed on ``mesh["shard"]`` (one node): the all-reduce of each shard
+            across the replicas, the hop that crosses nodes, is then compressed with error feedback
+            (:mod:`commlib.fsdp.replicate`). A model sharded on a 2-D mesh (FSDP2's native HSDP,
+            whose dense all-reduce no public API replaces) is refused with this recipe.
+        reduce_scatter: ``"compressed"`` or ``"dense"``: whether FSDP's reduce-scatter is compressed.
+            Default: compressed without ``replicate``, dense with it (it stays inside the node).
+        collective: for the HSDP replica all-reduce, as the ``ef`` hook's (``"auto"``,
+            ``"allreduce"``, ``"allgather"``, ``"two_phase"``).
 
     Example::
 
@@ -231,13 +262,27 @@ def compress_gradients(module: torch.nn.Module, compressor: Compressor, *, error
         >>> model(torch.randn(4, 64)).sum().backward()
         >>> state.stats()["compression_ratio"]   # about 3.9
     """
+    if reduce_scatter not in (None, "compressed", "dense"):
+        raise ValueError(f"reduce_scatter must be 'compressed', 'dense' or None, got {reduce_scatter!r}")
     state = GradientCompression(compressor, error_feedback, process_group, seed)
     found = fsdp_modules(module)
     if not found:
         raise ValueError("module has no fully_shard-ed (FSDPModule) parts: call fully_shard before compress_gradients")
-    for index, (name, m) in enumerate(found):
-        comm = CompressedReduceScatter(state, index, name, padded_shard_shapes(m))
-        comm.module = m
-        m.set_custom_reduce_scatter(comm)
-        state.comms.append(comm)
+    mesh = next((mesh for _, m in found if (mesh := module_mesh(m)) is not None), None)
+    if mesh is not None and mesh.ndim == 2:
+        raise ValueError("this model is sharded on a 2-D (replicate, shard) mesh: FSDP2's native HSDP all-reduces "
+                         "across replicas densely and no public API replaces that hop. Shard on mesh['shard'] and "
+                         "pass replicate=mesh['replicate']: commlib then runs the replica all-reduce, compressed")
+    if replicate is not None:  # HSDP: compress the hop that crosses nodes
+        shard_group = mesh.get_group() if mesh is not None else dist.group.WORLD
+        state.replica = ReplicaCompression(compressor, error_feedback, collective, seed, group_of(replicate),
+                                           shard_group)
+        for name, m in found:
+            m.set_all_reduce_hook(state.replica.hook_for(name))
+    if reduce_scatter == "compressed" or reduce_scatter is None and replicate is None:
+        for index, (name, m) in enumerate(found):
+            comm = CompressedReduceScatter(state, index, name, padded_shard_shapes(m))
+            comm.module = m
+            m.set_custom_reduce_scatter(comm)
+            state.comms.append(comm)
     return state
