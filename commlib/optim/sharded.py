@@ -73,18 +73,24 @@ class RowShard:
 
 
 def row_shard_of(p: torch.Tensor) -> RowShard | None:
-    """The row sharding of a DTensor parameter (``Shard(0)`` on a 1-D mesh); None for a plain tensor."""
+    """The row sharding of a DTensor parameter: ``Shard(0)`` on a 1-D mesh (FSDP2), or
+    ``(Replicate(), Shard(0))`` on a 2-D ``(replicate, shard)`` mesh (HSDP: every replica holds the
+    same shards and, its gradients being averaged across replicas, steps them alike; the
+    optimizer's collectives run in the shard group). None for a plain tensor."""
     if not is_dtensor(p):
         return None
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Replicate, Shard
 
-    mesh = p.device_mesh
-    if mesh.ndim != 1 or len(p.placements) != 1 or not isinstance(p.placements[0], Shard) or p.placements[0].dim != 0:
-        raise ValueError(f"low-rank optimizers support parameters sharded by rows on a 1-D mesh (FSDP2's Shard(0)), "
-                         f"got placements {p.placements} on a {mesh.ndim}-D mesh")
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    rows = placements and isinstance(placements[-1], Shard) and placements[-1].dim == 0
+    replicated = all(isinstance(x, Replicate) for x in placements[:-1])
+    if not (rows and replicated and mesh.ndim == len(placements) and mesh.ndim in (1, 2)):
+        raise ValueError(f"low-rank optimizers support parameters sharded by rows on a 1-D mesh (FSDP2's Shard(0)) "
+                         f"or replicated x row-sharded on a 2-D mesh (HSDP), got placements {p.placements} on a "
+                         f"{mesh.ndim}-D mesh")
     shape = tuple(p.shape)
     matrix = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (shape[0] if shape else 1, 1)
-    group = mesh.get_group()
+    group = mesh.get_group(mesh.ndim - 1)
     return RowShard(mesh, group, dist.get_rank(group), dist.get_world_size(group), matrix, shape)
 
 
@@ -96,7 +102,8 @@ def wrap(local_tensor: torch.Tensor, shard: RowShard, layout: str, global_shape)
     placement = {"rows": Shard(0), "cols": Shard(1), "replicate": Replicate()}[layout]
     global_shape = torch.Size(global_shape)
     stride = torch.empty(global_shape, device="meta").stride()
-    return DTensor.from_local(local_tensor, shard.mesh, [placement], run_check=False, shape=global_shape,
+    placements = [Replicate()] * (shard.mesh.ndim - 1) + [placement]  # HSDP: the same on every replica
+    return DTensor.from_local(local_tensor, shard.mesh, placements, run_check=False, shape=global_shape,
                               stride=stride)
 
 

@@ -162,3 +162,43 @@ def _bad_placement(rank, world):
 def test_column_sharded_parameter_is_refused():
     for message in run_world(_bad_placement, 2):
         assert "Shard(0)" in message
+
+
+def _hsdp_vs_whole(rank, world, method, projector, native, steps=4):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from commlib.compress import Identity
+    from commlib.fsdp import compress_gradients
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = mlp(sizes=SIZES)
+    target = mesh if native else mesh["shard"]
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=target)
+    fully_shard(model, mesh=target)
+    if not native:  # commlib's HSDP: the replica all-reduce in FSDP's hook
+        compress_gradients(model, Identity(), replicate=mesh["replicate"])
+    opt = make_optimizer(model, method, projector)
+    reference = mlp(sizes=SIZES)
+    ref_opt = make_optimizer(reference, method, projector)
+    for step in range(steps):
+        loss_of(model, *local_batch(step, rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+        loss_of(reference, *global_batch(step, world)).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    return max(float((p.detach().full_tensor() - q.detach()).abs().max() / q.detach().abs().max())
+               for p, q in zip(model.parameters(), reference.parameters()))
+
+
+@pytest.mark.parametrize("method,projector,native", [("galore", "svd", True), ("fira", "dct", True),
+                                                     ("frugal", "random", True), ("galore", "dct", False)],
+                         ids=["galore-svd-native", "fira-dct-native", "frugal-random-native", "galore-dct-commlib"])
+def test_hsdp_2d_mesh_equals_whole_model(method, projector, native):
+    """The low-rank optimizers on HSDP (2 replicas x 2 shards): FSDP2's native 2-D mesh, and
+    commlib's (1-D shard mesh, replicas averaged in the all-reduce hook) == one process."""
+    for diff in run_world(_hsdp_vs_whole, 4, args=(method, projector, native)):
+        assert diff <= 1e-5, diff
