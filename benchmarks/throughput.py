@@ -87,6 +87,7 @@ _HIER_METHODS = [
     ("commlib EF QSGD", "ef", ["--compressor", "QSGD(bits=4)", "--option", "collective=two_phase"]),
     ("commlib EF top-k", "ef", ["--compressor", "TopK(density=0.01)"]),
     ("commlib EF21 top-k", "ef21", ["--compressor", "TopK(density=0.01)"]),
+    ("commlib PowerSGD", "powersgd", ["--option", "rank=4"]),
 ]
 HIERARCHY = [("dense allreduce", "none", [])] + [
     (f"{label}, {kind}", hook, extra + flag) for label, hook, extra in _HIER_METHODS

@@ -11,7 +11,7 @@ from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm
 from commlib.compress.base import require_int
 from commlib.compress.powersgd import orthogonalize_, shared_gaussian
-from commlib.hooks.state import HookState, ParamView
+from commlib.hooks.state import HookState, ParamView, _stable_hash
 
 
 def should_compress(rows: int, cols: int, rank: int, min_compression_rate: float) -> bool:
@@ -135,6 +135,39 @@ class PowerSGDState(HookState):
         return q
 
     # ------------------------------------------------------------------ the bucket job
+    supports_hierarchy = True
+
+    def owner_of(self, key: str) -> int:
+        """The local rank that compresses parameter ``key`` on the two-level path: a function of the
+        key alone (stable across DDP's bucket rebuild and restarts), so each rail compresses
+        different whole matrices."""
+        return _stable_hash(key) % self.intra.world_size
+
+    def hierarchical_job(self, buffer, views, step, bucket_index):
+        """Two levels for low-rank compression: whole matrices are assigned to local ranks
+        (:meth:`owner_of`); the node's mean of each matrix reaches its owner in a dense
+        reduce-scatter, the owners run PowerSGD (P and Q rounds, error feedback and warm start on
+        the matrices they own) across their rails, and the node all-gathers the results. 1-D and
+        uncompressible parameters take the dense two-level path."""
+        def job(comm: Comm):
+            chosen = [v for v in views if self.compressible(v)]
+            dense = [v for v in views if not self.compressible(v)]
+            if dense:
+                self.two_level([v.grad for v in dense], self.dense_pieces)
+            if chosen:
+                owners = [self.owner_of(v.key) for v in chosen]
+                owned = [v for v, owner in zip(chosen, owners) if owner == self.intra.rank]
+
+                def reduce_owned(rail: Comm, pieces: list[torch.Tensor]) -> None:
+                    mine = [ParamView(v.key, piece.view(v.grad.shape), 0) for v, piece in zip(owned, pieces)]
+                    if mine:
+                        self.reduce(rail, mine, mine, [], step)
+
+                self.two_level([v.grad for v in chosen], reduce_owned, owners=owners)
+            return buffer
+
+        return job
+
     def compressed_job(self, buffer, views, step, bucket_index):
         def job(comm: Comm):
             chosen = [v for v in views if self.compressible(v)]  # decided here: a retune may precede

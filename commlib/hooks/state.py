@@ -40,7 +40,7 @@ def strip_ddp_prefix(name: str) -> str:
 
 FORMAT = "commlib.hook_state/2"
 HIERARCHICAL = ("auto", True, False)
-HIERARCHICAL_HOOKS = ("allreduce", "fp16", "bf16", "ef", "ef21", "lowrank")
+HIERARCHICAL_HOOKS = ("allreduce", "fp16", "bf16", "ef", "ef21", "lowrank", "powersgd", "lgreco (powersgd family)")
 ON_MISMATCH = ("error", "reset")
 
 
@@ -369,45 +369,58 @@ class HookState:
         """Like :meth:`compressed_job`, through :meth:`two_level` (hooks that support it override)."""
         raise NotImplementedError
 
-    def two_level(self, tensors: list[torch.Tensor], reduce_pieces) -> None:
+    def two_level(self, tensors: list[torch.Tensor], reduce_pieces, owners: list[int] | None = None) -> None:
         """The mean over every rank of each tensor in ``tensors`` (in place), in three hops:
 
         1. a dense reduce-scatter inside the node: local rank j receives piece j of every tensor
-           (each cut into L pieces, the last zero-padded) summed over the node, divided by L;
+           (each cut into L pieces, the last zero-padded) summed over the node, divided by L; or,
+           with ``owners`` (a local rank per tensor), the whole tensors that j owns;
         2. ``reduce_pieces(rail, pieces)`` turns this rank's pieces into their means over the nodes
            (in place), across the rail (the same local index on every node): the compressed hop;
         3. a dense all-gather inside the node puts every piece back.
 
-        Tensors are cut one by one, so the pieces (and their error-feedback residuals, keyed by
-        :meth:`piece_key`) do not depend on how DDP groups parameters into buckets. Rule 5 across the
-        levels: the reduce-scatter carries one more value per rank, 0 or NaN for whether its tensors
-        were finite, added to every piece; a node that saw inf/NaN anywhere poisons all its pieces,
-        so every rail, every rank's result and every error-feedback gate see it alike."""
-        intra, local_ranks = self.intra, self.intra.world_size
-        sizes = [-(-t.numel() // local_ranks) for t in tensors]
-        total = sum(sizes)
+        Tensors are cut (or owned) one by one, so the pieces (and their error-feedback residuals,
+        keyed by :meth:`piece_key` or by the parameter) do not depend on how DDP groups parameters
+        into buckets. Rule 5 across the levels: the reduce-scatter carries one more value per rank,
+        0 or NaN for whether its tensors were finite, added to every piece; a node that saw inf/NaN
+        anywhere poisons all its pieces, so every rail, every rank's result and every
+        error-feedback gate see it alike."""
+        intra, local_ranks, me = self.intra, self.intra.world_size, self.intra.rank
         like = tensors[0]
+        # where each tensor's values go: (row, offset in the row, start, stop in the flat tensor)
+        places: list[list[tuple[int, int, int, int]]] = []
+        if owners is None:
+            sizes = [-(-t.numel() // local_ranks) for t in tensors]
+            offset = 0
+            for t, size in zip(tensors, sizes):
+                places.append([(j, offset, min(j * size, t.numel()), min((j + 1) * size, t.numel()))
+                               for j in range(local_ranks)])
+                offset += size
+            total = offset
+        else:
+            used = [0] * local_ranks
+            for t, owner in zip(tensors, owners):
+                places.append([(owner, used[owner], 0, t.numel())])
+                used[owner] += t.numel()
+            total = max(used)
         rows = torch.zeros(local_ranks, total + 1, dtype=like.dtype, device=like.device)
-        offset = 0
-        for t, size in zip(tensors, sizes):
+        for t, spots in zip(tensors, places):
             flat = t.reshape(-1)
-            full, rest = divmod(flat.numel(), size) if size else (0, 0)
-            rows[:full, offset : offset + size].copy_(flat[: full * size].view(full, size))
-            if rest:
-                rows[full, offset : offset + rest].copy_(flat[full * size :])
-            offset += size
+            for row, offset, lo, hi in spots:
+                rows[row, offset : offset + hi - lo].copy_(flat[lo:hi])
         # 0 where this rank's tensors are finite, NaN otherwise: decided on the device, no host read
         finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
         rows[:, total] = torch.where(finite, 0.0, float("nan")).to(like.dtype)
         summed = intra.reduce_scatter(rows)
         part = summed[:total].div_(local_ranks)
         part.add_(summed[total])  # + 0, or NaN when a rank of this node saw inf/NaN
-        reduce_pieces(self.rail, list(part.split(sizes)))
+        mine = [part[offset : offset + hi - lo] for spots in places for row, offset, lo, hi in spots if row == me]
+        reduce_pieces(self.rail, mine)
         whole = intra.all_gather_into(part).view(local_ranks, total)
-        offset = 0
-        for t, size in zip(tensors, sizes):
-            t.view(-1).copy_(whole[:, offset : offset + size].reshape(-1)[: t.numel()])
-            offset += size
+        for t, spots in zip(tensors, places):
+            flat = t.view(-1)
+            for row, offset, lo, hi in spots:
+                flat[lo:hi].copy_(whole[row, offset : offset + hi - lo])
 
     def dense_pieces(self, rail: Comm, pieces: list[torch.Tensor]) -> None:
         """The dense rail hop of :meth:`two_level`: one all-reduce mean of every piece, booked."""

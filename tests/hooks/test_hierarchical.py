@@ -167,7 +167,9 @@ def test_hierarchical_allreduce_equals_ddp_and_fp16_is_close():
 HOOKS = [("ef", {"compressor": compress.TopK(0.1)}), ("ef", {"compressor": compress.Sign(), "collective": "two_phase"}),
          ("ef", {"compressor": compress.QSGD(bits=4, bucket_size=64), "collective": "allgather"}),
          ("ef", {"compressor": compress.RandomK(0.2)}), ("bf16", {}),
-         ("ef21", {"compressor": compress.TopK(0.2)}), ("ef21", {"compressor": compress.Sign(), "collective": "two_phase"})]
+         ("ef21", {"compressor": compress.TopK(0.2)}), ("ef21", {"compressor": compress.Sign(), "collective": "two_phase"}),
+         ("powersgd", {"rank": 2}), ("powersgd", {"rank": 1, "batch_tensors_with_same_shape": True}),
+         ("lgreco", {"family": "powersgd", "rank": 2, "retune_every": 3, "accumulate_steps": 1})]
 
 
 def _identical(rank, world, index):
@@ -183,7 +185,7 @@ def test_ranks_stay_identical_and_the_inter_node_bytes_drop(index):
     for params, stats, residual, flat_stats, flat_residual in out:
         assert torch.equal(params, out[0][0])
         assert torch.isfinite(params).all()
-        if flat_residual:
+        if flat_residual and HOOKS[index][0] == "ef":
             assert residual * 2 <= flat_residual + 64 * 4  # the residual lives on a 1/L slice
         # what one rank sends across nodes per step: its slice's payload, about 1/L of the flat payload
         assert stats["wire_bytes_inter_total"] < 0.75 * flat_stats["wire_bytes_total"]
@@ -276,7 +278,7 @@ def test_bad_arguments_and_unsupported_hooks():
 
 
 def _unsupported(rank, world):
-    state, _ = hooks.make("powersgd", rank=2, hierarchical=True, topology=TOPO)
+    state, _ = hooks.make("ef21w", hierarchical=True, topology=TOPO)
     try:
         state.bind()
     except ValueError as exc:
