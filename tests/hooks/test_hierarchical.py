@@ -167,7 +167,8 @@ def test_hierarchical_allreduce_equals_ddp_and_fp16_is_close():
 HOOKS = [("ef", {"compressor": compress.TopK(0.1)}), ("ef", {"compressor": compress.Sign(), "collective": "two_phase"}),
          ("ef", {"compressor": compress.QSGD(bits=4, bucket_size=64), "collective": "allgather"}),
          ("ef", {"compressor": compress.RandomK(0.2)}), ("bf16", {}),
-         ("ef21", {"compressor": compress.TopK(0.2)}), ("ef21", {"compressor": compress.Sign(), "collective": "two_phase"}),
+         ("ef21", {"compressor": compress.TopK(0.2)}),
+         ("ef21", {"compressor": compress.Sign(), "collective": "two_phase"}),
          ("powersgd", {"rank": 2}), ("powersgd", {"rank": 1, "batch_tensors_with_same_shape": True}),
          ("lgreco", {"family": "powersgd", "rank": 2, "retune_every": 3, "accumulate_steps": 1})]
 
