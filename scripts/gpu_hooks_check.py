@@ -115,6 +115,8 @@ def resume_from_a_host_checkpoint(device) -> bool:
     host pointers), and the run must continue as the unbroken one does."""
     import io
 
+    from commlib.hooks.state import tensors_of
+
     def run(steps, load=None):
         model = model_on(device)
         ddp = DDP(model, device_ids=[device.index]) if device.type == "cuda" else DDP(model)
@@ -137,7 +139,7 @@ def resume_from_a_host_checkpoint(device) -> bool:
                 torch.save(state.state_dict(), a)
                 torch.save(model.state_dict(), b)
                 saved = (a.getvalue(), b.getvalue())
-        devices = sorted({t.device.type for t in _tensors(state.buffers_state())})
+        devices = sorted({t.device.type for t in tensors_of(state.buffers_state())})
         state.close()
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), saved, devices
 
@@ -152,13 +154,6 @@ def resume_from_a_host_checkpoint(device) -> bool:
     print(json.dumps(row), flush=True)
     return row["ok"]
 
-
-def _tensors(tree):
-    if torch.is_tensor(tree):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _tensors(v)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,18 @@ void dispatch_indices(at::ScalarType type, const char* op, F&& f) {
   }
 }
 
+// Every index in [0, n), checked before any output is written (a bad one leaves it as it was).
+void check_indices(const char* op, const at::Tensor& indices, int64_t n) {
+  dispatch_indices(indices.scalar_type(), op, [&](auto index_tag) {
+    using index_t = decltype(index_tag);
+    const index_t* idx = indices.data_ptr<index_t>();
+    for (int64_t j = 0; j < indices.numel(); ++j) {
+      const int64_t i = static_cast<int64_t>(idx[j]);
+      TORCH_CHECK(i >= 0 && i < n, op, ": index ", i, " out of range [0, ", n, ")");
+    }
+  });
+}
+
 // The exponent field of a float32: all ones exactly for inf and NaN.
 inline uint32_t exponent_bits(float v) { return float_bits(v) & 0x7f800000u; }
 
@@ -29,15 +41,7 @@ void ef_sparse_residual_cpu(const at::Tensor& residual, const at::Tensor& grad, 
   const at::Tensor values = values_in.contiguous();
   const int64_t n = grad.numel();
   const int64_t k = indices.numel();
-  // every index is checked before the residual is touched: a bad one leaves it as it was
-  dispatch_indices(indices.scalar_type(), "ef_sparse_residual_", [&](auto index_tag) {
-    using index_t = decltype(index_tag);
-    const index_t* idx = indices.data_ptr<index_t>();
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t i = static_cast<int64_t>(idx[j]);
-      TORCH_CHECK(i >= 0 && i < n, "commlib::ef_sparse_residual_: index ", i, " out of range [0, ", n, ")");
-    }
-  });
+  check_indices("commlib::ef_sparse_residual_", indices, n);  // before the residual is touched
   dispatch_floats(grad.scalar_type(), "ef_sparse_residual_", [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* g = grad.data_ptr<scalar_t>();
@@ -69,6 +73,7 @@ std::tuple<at::Tensor, at::Tensor> ef_gather_cpu(const at::Tensor& grad, const c
   const at::Tensor indices = indices_in.contiguous();
   const int64_t n = grad.numel();
   const int64_t k = indices.numel();
+  check_indices("commlib::ef_gather", indices, n);
   at::Tensor values = at::empty({k}, grad.options());
   at::Tensor guard = at::empty({}, grad.options().dtype(at::kFloat));
   dispatch_floats(grad.scalar_type(), "ef_gather", [&](auto tag) {
@@ -85,11 +90,7 @@ std::tuple<at::Tensor, at::Tensor> ef_gather_cpu(const at::Tensor& grad, const c
     dispatch_indices(indices.scalar_type(), "ef_gather", [&](auto index_tag) {
       using index_t = decltype(index_tag);
       const index_t* idx = indices.data_ptr<index_t>();
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t i = static_cast<int64_t>(idx[j]);
-        TORCH_CHECK(i >= 0 && i < n, "commlib::ef_gather: index ", i, " out of range [0, ", n, ")");
-        val[j] = src.at(i);
-      }
+      for (int64_t j = 0; j < k; ++j) val[j] = src.at(static_cast<int64_t>(idx[j]));
     });
   });
   return {values, guard};

@@ -30,8 +30,8 @@ def global_batch(step, world):
     return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
 
-def _sharded_vs_whole(rank, world, method, projector, steps=6):
-    model = shard(mlp(sizes=SIZES))
+def train_against_whole(model, method, projector, rank, world, steps):
+    """Train the sharded ``model`` on each rank's batch and the whole reference on the global one."""
     opt = make_optimizer(model, method, projector)
     reference = mlp(sizes=SIZES)
     ref_opt = make_optimizer(reference, method, projector)
@@ -42,6 +42,12 @@ def _sharded_vs_whole(rank, world, method, projector, steps=6):
         loss_of(reference, *global_batch(step, world)).backward()
         ref_opt.step()
         ref_opt.zero_grad()
+    return opt, reference, ref_opt
+
+
+def _sharded_vs_whole(rank, world, method, projector, steps=6):
+    model = shard(mlp(sizes=SIZES))
+    opt, reference, ref_opt = train_against_whole(model, method, projector, rank, world, steps)
     diffs = []
     for p, q in zip(model.parameters(), reference.parameters()):
         whole = p.detach().full_tensor()
@@ -180,16 +186,7 @@ def _hsdp_vs_whole(rank, world, method, projector, native, steps=4):
     fully_shard(model, mesh=target)
     if not native:  # commlib's HSDP: the replica all-reduce in FSDP's hook
         compress_gradients(model, Identity(), replicate=mesh["replicate"])
-    opt = make_optimizer(model, method, projector)
-    reference = mlp(sizes=SIZES)
-    ref_opt = make_optimizer(reference, method, projector)
-    for step in range(steps):
-        loss_of(model, *local_batch(step, rank, world)).backward()
-        opt.step()
-        opt.zero_grad()
-        loss_of(reference, *global_batch(step, world)).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+    _, reference, _ = train_against_whole(model, method, projector, rank, world, steps)
     return max(float((p.detach().full_tensor() - q.detach()).abs().max() / q.detach().abs().max())
                for p, q in zip(model.parameters(), reference.parameters()))
 
