@@ -54,10 +54,21 @@ CONFIGS = [
 ]
 
 
+# HSDP on nodes of several ranks (--hsdp with --ranks-per-node L): FSDP2 inside the node, the
+# all-reduce across replicas dense (FSDP2's native HSDP) or compressed with EF (commlib's)
+HSDP_CONFIGS = [
+    ("HSDP, native dense all-reduce", ["--hsdp"]),
+    ("HSDP + replica all-reduce Identity", ["--hsdp", "--compressor", "Identity()"]),
+    ("HSDP + replica all-reduce QSGD 8-bit + EF", ["--hsdp", "--compressor", "QSGD(bits=8)", "--error-feedback", "fp32"]),
+    ("HSDP + replica all-reduce QSGD 4-bit + EF", ["--hsdp", "--compressor", "QSGD(bits=4)", "--error-feedback", "fp32"]),
+]
+RANKS_PER_NODE = 1
+
+
 def run_once(cluster, args: list[str], steps: int, warmup: int, port: int) -> dict:
     argv = ["-m", "commlib.fsdp.workload", *MODEL, *args, "--steps", str(steps), "--warmup", str(warmup)]
     try:
-        outputs = cluster.torchrun(argv, port=port, timeout=900)
+        outputs = cluster.torchrun(argv, nproc_per_node=RANKS_PER_NODE, port=port, timeout=900)
     except RuntimeError as err:
         lines = [ln for ln in str(err).splitlines() if ln.strip()]
         return {"crashed": True, "reason": (lines[-1] if lines else "failed")[:300]}
@@ -94,7 +105,7 @@ def table(rows: list[dict], link_bps: float | None) -> str:
            "| comm buffers (MB) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {r["label"]: r for r in rows if not r.get("crashed")}
-    base = by.get("FSDP2 + AdamW")
+    base = by.get("FSDP2 + AdamW") or by.get("HSDP, native dense all-reduce")
     for r in rows:
         if r.get("crashed"):
             out.append(f"| {r['label']} | crashed: {r['reason'][:80]} | | | | | | | | | | | | |")
@@ -160,12 +171,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", help="comma list: configurations whose label contains one of these")
+    parser.add_argument("--ranks-per-node", type=int, default=1)
+    parser.add_argument("--hsdp", action="store_true", help="the HSDP rows (use --ranks-per-node >= 2)")
     parser.add_argument("--out", default=str(RESULTS / "bench_fsdp.json"))
     args = parser.parse_args()
-    configs = CONFIGS
+    global RANKS_PER_NODE
+    RANKS_PER_NODE = args.ranks_per_node
+    configs = HSDP_CONFIGS if args.hsdp else CONFIGS
     if args.only:
         wanted = [w.strip().lower() for w in args.only.split(",")]
-        configs = [c for c in CONFIGS if any(w in c[0].lower() for w in wanted)]
+        configs = [c for c in configs if any(w in c[0].lower() for w in wanted)]
     from throughput import bandwidth_bytes_per_second
 
     cluster = open_cluster(args.nodes, args.bandwidth, args.latency, log=lambda m: print(m, file=sys.stderr))
@@ -189,10 +204,10 @@ def main() -> None:
         bar.close()
     report = table(rows, link_bps)
     where = f"emulated nodes, links shaped to {args.bandwidth}" if emulated else "ranks on UNSHAPED loopback"
-    print(f"\n{args.nodes} {where}; {args.steps} steps, {args.warmup} warm-up, median of {args.repeat} runs; "
+    print(f"\n{args.nodes} {where}, {args.ranks_per_node} rank(s) per node; {args.steps} steps, {args.warmup} warm-up, median of {args.repeat} runs; "
           f"{time.time() - started:.0f} s\n")
     print(report)
-    meta = {"nodes": args.nodes, "bandwidth": args.bandwidth, "latency": args.latency, "emulated": emulated,
+    meta = {"nodes": args.nodes, "ranks_per_node": args.ranks_per_node, "bandwidth": args.bandwidth, "latency": args.latency, "emulated": emulated,
             "steps": args.steps, "warmup": args.warmup, "repeat": args.repeat, "model": MODEL,
             "date": time.strftime("%Y-%m-%d %H:%M")}
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -108,13 +108,14 @@ class GradientCompression:
             out["total_bytes_sent"] += inter["total_bytes_sent"]
             out["total_bytes_dense"] += inter["total_bytes_dense"]
             out["skipped_steps"] = max(out["skipped_steps"], inter["skipped_steps"])
-            out["residual_bytes"] += inter["residual_bytes"]
             out["step"] = max(out["step"], max(self.replica.steps.values(), default=0))
         return out
 
     def residual_bytes(self) -> int:
         """Memory this rank holds for error feedback (and PowerSGD warm starts)."""
         total = sum(c.residual.numel() * c.residual.element_size() for c in self.comms if c.residual is not None)
+        if self.replica is not None:  # HSDP: the residuals of the shards' replica all-reduce
+            total += sum(t.numel() * t.element_size() for t in self.replica.engine.residuals.values())
         return total + sum(q.numel() * q.element_size() for c in self.comms for q in c.warm_q.values())
 
     # ------------------------------------------------------------------ checkpoints

@@ -68,6 +68,9 @@ def parse_args(argv=None):
     parser.add_argument("--projector", default="dct", choices=["dct", "svd", "random"])
     parser.add_argument("--rank-fraction", type=float, default=0.25)
     parser.add_argument("--update-proj-gap", type=int, default=50)
+    parser.add_argument("--hsdp", action="store_true",
+                        help="HSDP: shard inside each node (LOCAL_WORLD_SIZE ranks), replicate across nodes; with "
+                             "--compressor the replica all-reduce is commlib's, compressed; without, FSDP2's native one")
     parser.add_argument("--interface", default=os.environ.get("COMMLIB_WIRE_INTERFACE"))
     parser.add_argument("--timeout", type=float, default=120.0)
     return parser.parse_args(argv)
@@ -87,16 +90,25 @@ def train(args) -> dict:
     if args.mode == "ddp":
         runner = DDP(model)
     else:
+        mesh = None
+        kwargs = {}
+        if args.hsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            mesh = init_device_mesh("cpu", (world // local, local), mesh_dim_names=("replicate", "shard"))
+            kwargs["mesh"] = mesh["shard"] if args.compressor else mesh  # native HSDP for the dense baseline
         for block in model.transformer.h:
-            fully_shard(block, reshard_after_forward=not args.no_reshard)
-        fully_shard(model, reshard_after_forward=not args.no_reshard)
+            fully_shard(block, reshard_after_forward=not args.no_reshard, **kwargs)
+        fully_shard(model, reshard_after_forward=not args.no_reshard, **kwargs)
         runner = model
         if args.compressor == "silent":
             for _, m in fsdp_modules(model):
                 m.set_custom_reduce_scatter(SilentReduceScatter())
         elif args.compressor:
             ef = {"none": False, "fp32": True, "bf16": "bf16"}[args.error_feedback]
-            state = compress_gradients(model, parse_compressor(args.compressor), error_feedback=ef)
+            state = compress_gradients(model, parse_compressor(args.compressor), error_feedback=ef,
+                                       replicate=mesh["replicate"] if mesh is not None else None)
         if args.quantize_weights:
             gathers = quantize_all_gather(model, args.block_size)
     opt = build_optimizer(args.optimizer, model, args.lr, args.projector, args.rank_fraction, args.update_proj_gap,
@@ -143,7 +155,7 @@ def train(args) -> dict:
     result = {
         "mode": args.mode, "world": world, "parameters": sum(p.numel() for p in model.parameters()),
         "compressor": args.compressor, "error_feedback": args.error_feedback,
-        "quantize_weights": args.quantize_weights, "optimizer": args.optimizer,
+        "quantize_weights": args.quantize_weights, "optimizer": args.optimizer, "hsdp": args.hsdp,
         "projector": args.projector if args.optimizer != "adamw" else None, "reshard": not args.no_reshard,
         "steps": args.steps, "warmup": args.warmup,
         "step_seconds_median": median, "samples_per_second": args.batch * world / median,
