@@ -132,10 +132,37 @@ class CompressedReduceScatter(ReduceScatter):
                 for j in range(world)]
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        average = _average(op)
+        two_hop = self.state.two_hop(group)
+        if two_hop is None:
+            return self.one_hop(output_tensor, input_tensor, group, average)
+        return self.two_hop(output_tensor, input_tensor, average, *two_hop)
+
+    def two_hop(self, output_tensor, input_tensor, average: bool, intra, rail, local_ranks: int, nodes: int):
+        """ZeRO++'s qgZ on a group spanning several nodes of ``local_ranks`` ranks (consecutive):
+        a dense reduce-scatter inside the node gives local rank j the node's sum of the rows meant
+        for local rank j of every node; those N rows then travel compressed across the rail (the
+        same local index on every node) by :meth:`one_hop`, with error feedback on the node sums.
+        The node reduce-scatter carries a finite flag per rank: a node that saw inf/NaN poisons all
+        it sends, so every rail sees the overflow and every rank keeps its residual."""
+        rows = input_tensor.view(nodes, local_ranks, -1)
+        chunk = rows.shape[2]
+        block = torch.empty(local_ranks, nodes * chunk + 1, dtype=input_tensor.dtype, device=input_tensor.device)
+        block[:, : nodes * chunk].view(local_ranks, nodes, chunk).copy_(rows.transpose(0, 1))
+        block[:, -1] = torch.where(torch.isfinite(input_tensor).all(), 0.0, float("nan")).to(block.dtype)
+        node = intra.reduce_scatter(block)
+        part = node[: nodes * chunk]
+        if average:
+            part.div_(local_ranks)  # the node's mean; one_hop's AVG divides by the nodes
+        part.add_(node[-1])
+        self.intra_bytes_sent = intra.bytes_sent
+        return self.one_hop(output_tensor, part, rail, average)
+
+    def one_hop(self, output_tensor, input_tensor, group, average: bool):
+        """The compressed reduce-scatter over ``group`` (see the module docstring)."""
         started = time.perf_counter()
         state = self.state
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        average = _average(op)
         rows = input_tensor.view(world, -1)
         chunk = rows.shape[1]
         segments = codec.row_segments(chunk, self.param_shapes, isinstance(state.compressor, PowerSGD))

@@ -56,7 +56,8 @@ class GradientCompression:
     name = "fsdp_compress"
     per_rank_buffers = ("residuals", "warm_q", "replica_residuals")
 
-    def __init__(self, compressor: Compressor, error_feedback=False, process_group=None, seed: int = 0):
+    def __init__(self, compressor: Compressor, error_feedback=False, process_group=None, seed: int = 0,
+                 hierarchical="auto", topology=None):
         if not isinstance(compressor, Compressor):
             raise ValueError(f"compressor must be a commlib.compress.Compressor, got {type(compressor).__name__}")
         if not (error_feedback is False or error_feedback is True or error_feedback in ("fp32", "bf16")):
@@ -68,11 +69,53 @@ class GradientCompression:
         self.residual_dtype = RESIDUAL_DTYPES[error_feedback]
         self.process_group = process_group
         self.seed = seed
+        if hierarchical not in ("auto", True, False):
+            raise ValueError(f"hierarchical must be 'auto', True or False, got {hierarchical!r}")
+        self.hierarchical, self.topology = hierarchical, topology
+        self._two_hop: dict = {}
         self.comms: list[CompressedReduceScatter] = []
         self.replica: ReplicaCompression | None = None  # HSDP: the compressed replica all-reduce
         self.pool = codec.BufferPool()
         # random-k's indices are rebuilt by the receiver from the seed: every sender uses the row's seed
         self.shared_seed = bool(compressor.compress(torch.zeros(8), seed=0).context)
+
+    def two_hop(self, group):
+        """``(intra Comm, rail group, L, N)`` when the reduce-scatter over ``group`` takes two hops
+        (qgZ: several nodes of L consecutive ranks, ``hierarchical`` not False, no HSDP replicas),
+        else None; decided once per group (at the first backward, every rank alike)."""
+        key = id(group)
+        if key not in self._two_hop:
+            self._two_hop[key] = self._resolve_two_hop(group)
+        return self._two_hop[key]
+
+    def _resolve_two_hop(self, group):
+        from commlib.comm.queue import Comm
+        from commlib.comm.topology import Topology, node_groups
+
+        if self.hierarchical is False or self.replica is not None:
+            return None
+        topology = self.topology or Topology.detect()
+        explicit = self.hierarchical is True
+        if topology is None:
+            if explicit:
+                raise ValueError("hierarchical=True needs a topology: pass topology=Topology(ranks_per_node=L)")
+            return None
+        ranks = dist.get_process_group_ranks(group)
+        try:
+            layout = topology.layout(ranks)
+        except ValueError:
+            if explicit:
+                raise
+            return None
+        local = layout.ranks_per_node
+        consecutive = all(node == tuple(ranks[k * local : (k + 1) * local]) for k, node in enumerate(layout.nodes))
+        if not layout.hierarchical or not consecutive:
+            if explicit and not consecutive:
+                raise ValueError(f"the two-hop reduce-scatter needs each node's ranks consecutive in FSDP's group, "
+                                 f"got nodes {layout.describe()}")
+            return None
+        intra, rail = node_groups(layout, base=group)
+        return Comm(intra), rail, local, layout.node_count
 
     def all_to_all(self, recv: torch.Tensor, send: torch.Tensor, group) -> None:
         dist.all_to_all_single(recv.view(-1), send.view(-1), group=group)
@@ -122,7 +165,7 @@ class GradientCompression:
     def options(self) -> dict:
         return {"compressor": repr(self.compressor), "error_feedback": str(self.error_feedback), "seed": self.seed,
                 "hsdp": list(self.replica.mesh_shape) if self.replica is not None else None,
-                "reduce_scatter": "compressed" if self.comms else "dense"}
+                "reduce_scatter": "compressed" if self.comms else "dense", "hierarchical": str(self.hierarchical)}
 
     def _rank_world(self) -> tuple[int, int]:
         require_initialized()
@@ -198,10 +241,17 @@ class GradientCompression:
             if saved is None or not c.param_shapes:
                 continue
             chunk = sum(math.prod(shape) for shape in c.param_shapes)
-            if tuple(saved.shape) != (world, chunk):
+            if tuple(saved.shape) not in ((world, chunk), (world // self.ranks_per_node(), chunk)):
                 return (f"fsdp_compress state: the residual saved for module {c.name or 'root'!r} has shape "
                         f"{tuple(saved.shape)}, this model's is {(world, chunk)}: another model or sharding")
         return None
+
+    def ranks_per_node(self) -> int:
+        """L of the two-hop reduce-scatter's topology (1 when it is flat)."""
+        from commlib.comm.topology import Topology
+
+        topology = self.topology or (Topology.detect() if self.hierarchical is not False else None)
+        return topology.ranks_per_node or 1 if topology is not None and self.replica is None else 1
 
     def _unfit(self, mine: dict) -> str | None:
         differ = options_differ(mine["options"], self.options())
@@ -227,7 +277,7 @@ class GradientCompression:
 
 def compress_gradients(module: torch.nn.Module, compressor: Compressor, *, error_feedback=False,
                        process_group=None, seed: int = 0, replicate=None, reduce_scatter: str | None = None,
-                       collective: str = "auto") -> GradientCompression:
+                       collective: str = "auto", hierarchical="auto", topology=None) -> GradientCompression:
     r"""Compress FSDP2's gradient reduce-scatter on every ``fully_shard``-ed module under ``module``.
 
     Arguments:
@@ -249,6 +299,10 @@ def compress_gradients(module: torch.nn.Module, compressor: Compressor, *, error
             Default: compressed without ``replicate``, dense with it (it stays inside the node).
         collective: for the HSDP replica all-reduce, as the ``ef`` hook's (``"auto"``,
             ``"allreduce"``, ``"allgather"``, ``"two_phase"``).
+        hierarchical, topology: for plain ``fully_shard`` over several nodes (no ``replicate``): the
+            compressed reduce-scatter takes two hops (ZeRO++'s qgZ: dense inside the node, the
+            node's sums compressed across it, error feedback on those) when ``"auto"`` finds several
+            nodes of several ranks (``topology``, or :meth:`commlib.comm.Topology.detect`).
 
     Example::
 
@@ -265,7 +319,7 @@ def compress_gradients(module: torch.nn.Module, compressor: Compressor, *, error
     """
     if reduce_scatter not in (None, "compressed", "dense"):
         raise ValueError(f"reduce_scatter must be 'compressed', 'dense' or None, got {reduce_scatter!r}")
-    state = GradientCompression(compressor, error_feedback, process_group, seed)
+    state = GradientCompression(compressor, error_feedback, process_group, seed, hierarchical, topology)
     found = fsdp_modules(module)
     if not found:
         raise ValueError("module has no fully_shard-ed (FSDPModule) parts: call fully_shard before compress_gradients")

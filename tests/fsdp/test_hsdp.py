@@ -158,3 +158,41 @@ def _native(rank, world):
 def test_native_hsdp_is_refused_with_the_recipe():
     for message in run_world(_native, 4):
         assert message is not None and "mesh['shard']" in message and "replicate=mesh['replicate']" in message
+
+
+# ---------------------------------------------------------------------------------------- two-hop (qgZ)
+def _two_hop(rank, world, compressor, error_feedback):
+    from commlib.comm import Topology
+    from tests.fsdp.fsdp_harness import all_ranks_equal, shard
+
+    plain = shard(mlp())
+    model = shard(mlp())
+    state = compress_gradients(model, compressor, error_feedback=error_feedback, topology=Topology(ranks_per_node=2))
+    flat = shard(mlp())
+    flat_state = compress_gradients(flat, compressor, error_feedback=error_feedback, hierarchical=False)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (plain, model, flat)]
+    for step in range(STEPS):
+        for m, opt in zip((plain, model, flat), opts):
+            loss_of(m, *local_batch(step, rank, world)).backward()
+            opt.step()
+            opt.zero_grad()
+    two = next(iter(state._two_hop.values()), None)  # the group FSDP passed, resolved at its first call
+    return (full_params(plain), full_params(model), all_ranks_equal(full_params(model)), two is not None,
+            state.stats()["total_bytes_sent"], flat_state.stats()["total_bytes_sent"])
+
+
+def test_two_hop_reduce_scatter_identity_equals_fsdp():
+    """Plain fully_shard over 2 nodes x 2 ranks: dense in the node, the node sums across it."""
+    for plain, two, equal, on, _, _ in run_world(_two_hop, 4, args=(Identity(), False)):
+        assert on and equal
+        for a, b in zip(plain, two):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_two_hop_reduce_scatter_qsgd_ef_trains_alike_and_sends_less():
+    """QSGD 4-bit with EF on the node sums: ranks identical, close to plain FSDP, and each rank
+    sends N - 1 = 1 compressed row across nodes instead of W - 1 = 3 (a third of the flat bytes)."""
+    for plain, two, equal, on, sent, flat_sent in run_world(_two_hop, 4, args=(QSGD(bits=4, bucket_size=64), True)):
+        assert on and equal
+        assert max(float((a - b).abs().max()) for a, b in zip(plain, two)) < 0.05
+        assert sent * 2.5 < flat_sent
