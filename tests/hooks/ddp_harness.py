@@ -140,3 +140,19 @@ def flat_grads_after_one_step(rank, world_size, hook=None, options=None, ddp_kwa
     nn.functional.mse_loss(ddp(x), y).backward()
     dist.barrier()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def gathered_checkpoint(process_rank: int, name: str, steps: int, **options) -> tuple[nn.Module, bytes]:
+    """Train ``steps`` backward passes of a fresh Net under hook ``name`` and return the model and
+    every rank's hook state gathered into one saved blob (what rank 0 would write)."""
+    model = Net()
+    ddp = DDP(model)
+    state, hook = hooks.make(name, model=model, **options)
+    ddp.register_comm_hook(state, hook)
+    for step in range(steps):
+        x, y = batch(process_rank, step)
+        nn.functional.mse_loss(ddp(x), y).backward()
+    buf = io.BytesIO()
+    torch.save(hooks.gather_state_dict(state), buf)
+    state.close()
+    return model, buf.getvalue()

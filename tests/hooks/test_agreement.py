@@ -13,7 +13,7 @@ from commlib import compress, hooks
 from commlib.comm.agree import disagreements, field_digest
 from tests.conftest import run_world
 
-from .ddp_harness import Net, batch
+from .ddp_harness import Net, batch, gathered_checkpoint
 
 
 def _bind_with(rank, world, make_kwargs):
@@ -72,22 +72,13 @@ def test_digest_table_names_the_ranks_that_differ():
 
 
 def _load_with_other_seed(rank, world):
-    model = Net()
-    ddp = DDP(model)
-    state, hook = hooks.make("ef", model=model, compressor=compress.TopK(0.1), seed=3)
-    ddp.register_comm_hook(state, hook)
-    for step in range(3):
-        x, y = batch(rank, step)
-        torch.nn.functional.mse_loss(ddp(x), y).backward()
-    buf = io.BytesIO()
-    torch.save(hooks.gather_state_dict(state), buf)
-    state.close()
+    model, blob = gathered_checkpoint(rank, "ef", 3, compressor=compress.TopK(0.1), seed=3)
     errors = []
     for kwargs in ({"seed": 4}, {"start_iter": 3}):
         other, _ = hooks.make("ef", model=model, compressor=compress.TopK(0.1), **{"seed": 3, **kwargs})
         other.bind()
         try:
-            other.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+            other.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))
         except ValueError as exc:
             errors.append(str(exc))
         other.close()

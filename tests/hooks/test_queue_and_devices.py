@@ -10,14 +10,13 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from commlib import compress, hooks
 from commlib.comm import queue as queue_module
 from commlib.comm.queue import OrderedQueue
 from tests.conftest import run_world
 
-from .ddp_harness import Net, batch
+from .ddp_harness import gathered_checkpoint
 
 
 def _worker_survives(rank, world):
@@ -80,19 +79,10 @@ def test_close_never_destroys_a_group_the_worker_is_using():
 
 
 def _loaded_to_another_device(rank, world):
-    model = Net()
-    ddp = DDP(model)
-    state, hook = hooks.make("powersgd", model=model, rank=2)
-    ddp.register_comm_hook(state, hook)
-    for step in range(4):
-        x, y = batch(rank, step)
-        torch.nn.functional.mse_loss(ddp(x), y).backward()
-    buf = io.BytesIO()
-    torch.save(hooks.gather_state_dict(state), buf)
-    state.close()
+    model, blob = gathered_checkpoint(rank, "powersgd", 4, rank=2)
     loaded, _ = hooks.make("powersgd", model=model, rank=2)
     loaded.bind()
-    loaded.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), map_location="cpu", weights_only=True))
+    loaded.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
     assert loaded._check_buffer_device  # the first job will move them
     loaded.move_buffers_to(torch.device("meta"))  # stands in for the GPU of a real run
     devices = {t.device.type for t in hooks_tensors(loaded.buffers_state())}
