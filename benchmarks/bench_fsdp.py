@@ -62,6 +62,15 @@ HSDP_CONFIGS = [
     ("HSDP + replica all-reduce QSGD 8-bit + EF", ["--hsdp", "--compressor", "QSGD(bits=8)", "--error-feedback", "fp32"]),
     ("HSDP + replica all-reduce QSGD 4-bit + EF", ["--hsdp", "--compressor", "QSGD(bits=4)", "--error-feedback", "fp32"]),
 ]
+# plain fully_shard over every rank of several nodes: the compressed reduce-scatter in one hop
+# (--flat) or two (qgZ: dense in the node, node sums compressed across it), with --ranks-per-node L
+TWO_HOP_CONFIGS = [
+    ("FSDP2 + AdamW", []),
+    ("FSDP2 + RS QSGD 8-bit + EF, one hop", ["--compressor", "QSGD(bits=8)", "--error-feedback", "fp32", "--flat"]),
+    ("FSDP2 + RS QSGD 8-bit + EF, two hops", ["--compressor", "QSGD(bits=8)", "--error-feedback", "fp32"]),
+    ("FSDP2 + RS QSGD 4-bit + EF, one hop", ["--compressor", "QSGD(bits=4)", "--error-feedback", "fp32", "--flat"]),
+    ("FSDP2 + RS QSGD 4-bit + EF, two hops", ["--compressor", "QSGD(bits=4)", "--error-feedback", "fp32"]),
+]
 RANKS_PER_NODE = 1
 
 
@@ -173,11 +182,13 @@ def main() -> None:
     parser.add_argument("--only", help="comma list: configurations whose label contains one of these")
     parser.add_argument("--ranks-per-node", type=int, default=1)
     parser.add_argument("--hsdp", action="store_true", help="the HSDP rows (use --ranks-per-node >= 2)")
+    parser.add_argument("--two-hop", action="store_true",
+                        help="one-hop vs two-hop compressed reduce-scatter rows (use --ranks-per-node >= 2)")
     parser.add_argument("--out", default=str(RESULTS / "bench_fsdp.json"))
     args = parser.parse_args()
     global RANKS_PER_NODE
     RANKS_PER_NODE = args.ranks_per_node
-    configs = HSDP_CONFIGS if args.hsdp else CONFIGS
+    configs = HSDP_CONFIGS if args.hsdp else TWO_HOP_CONFIGS if args.two_hop else CONFIGS
     if args.only:
         wanted = [w.strip().lower() for w in args.only.split(",")]
         configs = [c for c in configs if any(w in c[0].lower() for w in wanted)]

@@ -71,6 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--hsdp", action="store_true",
                         help="HSDP: shard inside each node (LOCAL_WORLD_SIZE ranks), replicate across nodes; with "
                              "--compressor the replica all-reduce is commlib's, compressed; without, FSDP2's native one")
+    parser.add_argument("--flat", action="store_true",
+                        help="keep the compressed reduce-scatter one hop on several nodes (no two-hop qgZ)")
     parser.add_argument("--interface", default=os.environ.get("COMMLIB_WIRE_INTERFACE"))
     parser.add_argument("--timeout", type=float, default=120.0)
     return parser.parse_args(argv)
@@ -108,7 +110,8 @@ def train(args) -> dict:
         elif args.compressor:
             ef = {"none": False, "fp32": True, "bf16": "bf16"}[args.error_feedback]
             state = compress_gradients(model, parse_compressor(args.compressor), error_feedback=ef,
-                                       replicate=mesh["replicate"] if mesh is not None else None)
+                                       replicate=mesh["replicate"] if mesh is not None else None,
+                                       hierarchical=False if args.flat else "auto")
         if args.quantize_weights:
             gathers = quantize_all_gather(model, args.block_size)
     opt = build_optimizer(args.optimizer, model, args.lr, args.projector, args.rank_fraction, args.update_proj_gap,
