@@ -14,6 +14,10 @@ on 2 and 4 emulated nodes at 100 Mbit/s, 1 Gbit/s and 10 Gbit/s (see the README)
    of the same run, payload = the hook's byte count of that row, hook time = calibrated cost x
    parameters x (ranks per core when ranks outnumber cores).
 
+4. with ``throughput_hier_2x2.json`` (``throughput.py --hierarchy --ranks-per-node 2``) and a
+   ceiling run of the same shape (``throughput_ceiling_2x2.json``): the flat and two-level rows at
+   2 nodes x 2 ranks, with the intra-node fabric fitted on the one dense two-level row.
+
 Writes ``benchmarks/results/advise_check.{json,md}`` (prediction error per point and overall) and
 ``benchmarks/results/advise_table.md`` (the advisor's defaults for common cluster shapes).
 """
@@ -96,6 +100,133 @@ def fit(points: list[dict], costs: dict) -> tuple[float, float, float]:
     return best
 
 
+# throughput.py --hierarchy rows (2 nodes x 2 ranks) -> advisor methods; EF21 has no advisor row
+HIER_ROW_TO_METHOD = {
+    "dense allreduce": "dense all-reduce",
+    "commlib allreduce, hierarchical": "dense all-reduce",
+    "commlib fp16": "fp16 cast",
+    "commlib EF sign": "EF sign, two-phase",
+    "commlib EF QSGD": "EF QSGD 4-bit, two-phase",
+    "commlib EF top-k": "EF top-k 1%",
+    "commlib PowerSGD": "PowerSGD rank 4",
+}
+HIER_FILES = ("throughput_hier_2x2.json", "throughput_hier_powersgd_2x2.json")
+CEILING_FILE = "throughput_ceiling_2x2.json"
+
+
+def load_hierarchy_points() -> tuple[list[dict], dict] | None:
+    """The 2 x 2 rows of ``throughput.py --hierarchy`` with the ceiling and dense rows of
+    ``throughput_ceiling_2x2.json`` (a separate run of the same shape, for the compute time)."""
+    if not (RESULTS / CEILING_FILE).exists() or not (RESULTS / HIER_FILES[0]).exists():
+        return None
+    ceiling_run = json.loads((RESULTS / CEILING_FILE).read_text())
+    ceiling = next(r for r in ceiling_run["rows"] if r["method"] == "no communication (ceiling)")
+    main = json.loads((RESULTS / HIER_FILES[0]).read_text())
+    meta = main["meta"]
+    dense = next(r for r in main["rows"] if r["method"] == "dense allreduce")
+    points = []
+    for name in HIER_FILES:
+        path = RESULTS / name
+        if not path.exists():
+            continue
+        for r in json.loads(path.read_text())["rows"]:
+            label = r["method"]
+            hierarchical = label.endswith(", hierarchical")
+            base = label.removesuffix(", hierarchical").removesuffix(", flat")
+            method = HIER_ROW_TO_METHOD.get(label) or HIER_ROW_TO_METHOD.get(base)
+            if r.get("crashed") or method is None or label == "commlib allreduce, flat":
+                continue
+            local = meta["ranks_per_node"]
+            points.append({"nodes": meta["nodes"], "ranks_per_node": local, "bandwidth": meta["bandwidth"],
+                           "gbit": advise_gbit(meta["bandwidth"]), "row": label, "method": method,
+                           "hierarchical": hierarchical, "step_seconds": r["step_seconds_median"],
+                           # the hook books one rank's rail bytes: the piece, 1/L of the per-rank payload
+                           "payload_bytes": r["bytes_per_step"] * (local if hierarchical else 1),
+                           "compute_seconds": ceiling["step_seconds_median"],
+                           "dense_step_seconds": dense["step_seconds_median"], "params": dense["bytes_per_step"] / 4,
+                           "source": name})
+    return points, {"ceiling_step_seconds": ceiling["step_seconds_median"],
+                    "dense_step_seconds_ceiling_run": next(r for r in ceiling_run["rows"]
+                                                           if r["method"] == "dense allreduce")["step_seconds_median"],
+                    "dense_step_seconds": dense["step_seconds_median"]}
+
+
+def predict_hierarchy_point(p: dict, costs: dict, efficiency: float, transfer_gbps: float, overlap: float,
+                            intra_gbps: float, mem_gbps: float) -> float:
+    cores = os.cpu_count() or 1
+    cluster = advise.Cluster(p["nodes"], p["ranks_per_node"], p["gbit"], LATENCY_US, efficiency, transfer_gbps,
+                             hook_slowdown=max(1.0, p["nodes"] * p["ranks_per_node"] / cores), intra_gbps=intra_gbps)
+    method = next(m for m in advise.METHODS if m.name == p["method"])
+    if p["hierarchical"]:
+        method = next(m for m in advise.HIERARCHICAL_METHODS if m.name == f"{p['method']}, hierarchical")
+    return advise.predict(method, cluster, p["params"], p["compute_seconds"], overlap=overlap,
+                          seconds_per_element=costs.get(p["method"], 0.0), mem_gbps=mem_gbps,
+                          payload_bytes=p["payload_bytes"]).step_seconds
+
+
+def copy_gbps(numel: int = 1 << 24, repeats: int = 7) -> float:
+    """This machine's memcpy bandwidth (read + write, GB/s), the limit of the two-level copies."""
+    import time
+
+    import torch
+
+    src, dst = torch.randn(numel), torch.empty(numel)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * numel * 4 / statistics.median(times) / 1e9
+
+
+def check_hierarchy(costs: dict, efficiency: float, transfer_gbps: float, overlap: float) -> tuple[str, dict] | None:
+    """The 2 x 2 points: the intra-node fabric (gloo over loopback on shared cores) is fitted on the
+    one dense hierarchical row, as the link constants are on the dense rows; every compressed row,
+    flat and hierarchical, is then predicted out of sample."""
+    loaded = load_hierarchy_points()
+    if loaded is None:
+        return None
+    points, info = loaded
+    mem = copy_gbps()
+    fit_row = next(p for p in points if p["row"] == "commlib allreduce, hierarchical")
+    intra, best = None, math.inf
+    for gbps in (10 ** (-1.5 + 0.02 * i) for i in range(200)):
+        err = abs(math.log(predict_hierarchy_point(fit_row, costs, efficiency, transfer_gbps, overlap, gbps, mem))
+                  - math.log(fit_row["step_seconds"]))
+        if err < best:
+            intra, best = gbps, err
+    out, errors = [], []
+    for p in points:
+        predicted = predict_hierarchy_point(p, costs, efficiency, transfer_gbps, overlap, intra, mem)
+        dense_pred = predict_hierarchy_point({**p, "method": "dense all-reduce", "hierarchical": False,
+                                              "payload_bytes": 4 * p["params"]}, costs, efficiency, transfer_gbps,
+                                             overlap, intra, mem)
+        measured_speedup = p["dense_step_seconds"] / p["step_seconds"]
+        predicted_speedup = dense_pred / predicted
+        error = predicted_speedup / measured_speedup - 1
+        fitted = p["method"] == "dense all-reduce"
+        if not fitted:
+            errors.append(abs(error))
+        out.append({**p, "predicted_step_seconds": predicted, "measured_speedup": measured_speedup,
+                    "predicted_speedup": predicted_speedup, "speedup_error": error, "fitted_on": fitted})
+    lines = [f"2 nodes x 2 ranks, 1 Gbit/s (`{HIER_FILES[0]}`, PowerSGD from `{HIER_FILES[1]}`, compute time "
+             f"from the ceiling row of `{CEILING_FILE}`: {1e3 * info['ceiling_step_seconds']:.0f} ms; its dense row "
+             f"{1e3 * info['dense_step_seconds_ceiling_run']:.0f} ms against {1e3 * info['dense_step_seconds']:.0f} ms "
+             f"in the main run). Link constants from the fit above; the intra-node fabric fitted on the dense "
+             f"hierarchical row: {intra:.2f} GB/s per rank (NVLink: ~200); memcpy here {mem:.1f} GB/s.", "",
+             "| row | measured step | predicted step | measured speedup | predicted speedup | error |",
+             "|---|---|---|---|---|---|"]
+    for r in out:
+        tag = " (fitted)" if r["fitted_on"] else ""
+        lines.append(f"| {r['row']}{tag} | {1e3 * r['step_seconds']:.0f} ms "
+                     f"| {1e3 * r['predicted_step_seconds']:.0f} ms | {r['measured_speedup']:.2f}x "
+                     f"| {r['predicted_speedup']:.2f}x | {100 * r['speedup_error']:+.0f}% |")
+    lines += ["", f"Compressed rows at 2 x 2, out of sample: {len(errors)} points, median |error| "
+              f"{100 * statistics.median(errors):.0f}%, max {100 * max(errors):.0f}%, within 20%: "
+              f"{sum(e <= 0.2 for e in errors)}/{len(errors)}."]
+    return "\n".join(lines), {"intra_gbps": intra, "memcpy_gbps": mem, **info, "points": out}
+
+
 def common_clusters_table() -> str:
     rows = ["| model | cluster | link | dense step | best method | its speedup | PowerSGD r4 | EF sign 2-phase "
             "| EF top-k 1% | fp16 |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -146,12 +277,16 @@ def main() -> None:
                f"{100 * statistics.median(errors):.0f}%, mean {100 * statistics.mean(errors):.0f}%, "
                f"max {100 * max(errors):.0f}%, within 20%: {sum(e <= 0.2 for e in errors)}/{len(errors)}.")
     lines += ["", summary]
+    hierarchy = check_hierarchy(costs, efficiency, transfer_gbps, overlap)
+    if hierarchy is not None:
+        lines += ["", "### Several ranks per node", "", hierarchy[0]]
     report = "\n".join(lines)
     print(report)
     (RESULTS / "advise_check.md").write_text(report + "\n")
     (RESULTS / "advise_check.json").write_text(json.dumps(
         {"efficiency": efficiency, "transfer_gbps": transfer_gbps, "overlap": overlap, "latency_us": LATENCY_US,
-         "costs_seconds_per_element": costs, "points": out}, indent=1))
+         "costs_seconds_per_element": costs, "points": out,
+         "hierarchy": hierarchy[1] if hierarchy is not None else None}, indent=1))
     table = common_clusters_table()
     print("\n" + table)
     (RESULTS / "advise_table.md").write_text(

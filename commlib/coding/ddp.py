@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from commlib.coding.codes import GradientCode
 from commlib.comm.agree import agree_across_ranks
+from commlib.hooks.state import check_flat_only
 
 
 def coded_loss(code: GradientCode, rank: int, part_losses: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -49,7 +50,9 @@ class GradientCodingState:
 
     name = "gc"
 
-    def __init__(self, process_group=None, *, code: GradientCode, stragglers=None, model=None):
+    def __init__(self, process_group=None, *, code: GradientCode, stragglers=None, model=None, hierarchical="auto",
+                 topology=None):
+        check_flat_only(self.name, hierarchical, topology)  # the code's workers are ranks
         if not isinstance(code, GradientCode):
             raise ValueError(f"code must be a commlib.coding gradient code, got {code!r}")
         self.group = process_group

@@ -15,7 +15,7 @@ from commlib.comm.agree import agree_across_ranks
 from commlib.comm.groups import private_group
 from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm, OrderedQueue
-from commlib.hooks.state import HookState, options_differ, strip_ddp_prefix
+from commlib.hooks.state import HookState, check_flat_only, options_differ, strip_ddp_prefix
 
 ESTIMATORS = ("halves", "scalar")
 
@@ -135,8 +135,11 @@ class AGVMState:
     def __init__(self, process_group=None, *, model: nn.Module, groups: dict | None = None,
                  inner: str = "allreduce", inner_options: dict | None = None, tau: int = 10,
                  momentum: float = 0.97, start_iter: int = 2, estimator: str = "scalar", strict: bool = True,
-                 use_adam: bool = False, optimizer=None, timeout: float | None = None):
+                 use_adam: bool = False, optimizer=None, timeout: float | None = None, hierarchical="auto",
+                 topology=None):
         from commlib import hooks
+
+        check_flat_only(self.name, hierarchical, topology)  # its halves' statistics are per rank
 
         if model is None:
             raise ValueError("model is required: module groups are parameter-name prefixes")

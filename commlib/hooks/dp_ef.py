@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from commlib.hooks.state import check_flat_only
+
 
 class DPErrorFeedbackState:
     r"""Leaves each bucket's local gradient as it is: no collective.
@@ -27,7 +29,8 @@ class DPErrorFeedbackState:
 
     name = "dp_ef"
 
-    def __init__(self, process_group=None, *, model=None):
+    def __init__(self, process_group=None, *, model=None, hierarchical="auto", topology=None):
+        check_flat_only(self.name, hierarchical, topology)  # no collective: nothing to split by node
         self.step = 0  # ``model`` is accepted (and unused) so every hook takes the same common options
 
     def bind(self) -> DPErrorFeedbackState:

@@ -83,9 +83,17 @@ class EF21State(HookState):
         return {"compressor": repr(self.compressor), "collective": self.collective}
 
     # ------------------------------------------------------------------ weights (EF21-W overrides)
-    def weight(self, rank: int) -> float:
-        """``w_rank``; EF21 is EF21-W with ``w = 1/n`` (n the workers: nodes on the two-level path)."""
-        return 1.0 / (self.layout.node_count if self.layout is not None else self.world_size)
+    def worker(self) -> int:
+        """This rank's worker index: its rank, or on the two-level path its node (its rail rank)."""
+        return self.rail.rank if self.layout is not None else self.rank
+
+    def workers(self) -> int:
+        """EF21's n: the ranks, or on the two-level path the nodes."""
+        return self.layout.node_count if self.layout is not None else self.world_size
+
+    def weight(self, worker: int) -> float:
+        """``w_worker``; EF21 is EF21-W with ``w = 1/n``."""
+        return 1.0 / self.workers()
 
     def target(self, grad: torch.Tensor) -> torch.Tensor:
         """What ``g_i`` estimates: ``grad_i`` (EF21); EF21-W overrides with ``grad_i / (n w_i)``."""
@@ -225,13 +233,17 @@ class EF21WState(EF21State):
     ``n w_i g_i`` (the estimate of ``grad_i``) and ``g = sum w_i g_i`` are unchanged. The snapshots
     exist for one step in ``estimate_every``; otherwise memory is EF21's.
 
+    On the two-level path (``hierarchical=``) the node is the worker: its gradient is the mean of
+    its ranks', so its smoothness is taken as the mean of theirs (an upper bound: L of a mean of
+    functions is at most the mean of their L), ``w_k = L_k / sum L`` over nodes, and ``smoothness``
+    (given or estimated) stays one value per rank.
+
     Example::
 
         >>> state, hook = hooks.make("ef21w", compressor=compress.TopK(0.01), smoothness=[1.0, 4.0])  # doctest: +SKIP
     """
 
     name = "ef21w"
-    supports_hierarchy = False  # weights per rank (L_i): no per-node form yet
     per_rank_buffers = EF21State.per_rank_buffers + ("estimate_in_flight",)
 
     def __init__(self, process_group=None, compressor: Compressor | None = None, *, smoothness=None,
@@ -253,6 +265,7 @@ class EF21WState(EF21State):
         self._snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._secant = [0.0, 0.0]  # sum ||dgrad||^2, sum ||dx||^2 of the current estimate
         self._pending_step = -1
+        self._node_members = None  # on the two-level path: each node's ranks (set at bind)
         if self.smoothness is not None and dist.is_available() and dist.is_initialized():
             self.on_bind()  # the group exists already: refuse a wrong smoothness at construction
 
@@ -261,18 +274,29 @@ class EF21WState(EF21State):
             self.smoothness = torch.ones(self.world_size, dtype=torch.float64)
         elif len(self.smoothness) != self.world_size:  # checked here when the state is built before init
             raise ValueError(f"smoothness must have one L_i per rank ({self.world_size}), got {len(self.smoothness)}")
+        self._node_members = None
+        if self.layout is not None:  # group indices of each node's ranks, for the nodes' L
+            index = {g: i for i, g in enumerate(dist.get_process_group_ranks(self.queue.group))}
+            self._node_members = [torch.tensor([index[g] for g in node]) for node in self.layout.nodes]
 
     def options(self) -> dict:
         return {**super().options(), "online": self.online}
 
-    def weight(self, rank: int) -> float:
-        return float(self.smoothness[rank] / self.smoothness.sum())
+    def worker_smoothness(self) -> torch.Tensor:
+        """L per worker: ``smoothness``, or on the two-level path the mean over each node's ranks."""
+        if self._node_members is None:
+            return self.smoothness
+        return torch.stack([self.smoothness[members].mean() for members in self._node_members])
+
+    def weight(self, worker: int) -> float:
+        smoothness = self.worker_smoothness()
+        return float(smoothness[worker] / smoothness.sum())
 
     def weights(self) -> list[float]:
-        return [self.weight(r) for r in range(self.world_size)]
+        return [self.weight(k) for k in range(self.workers())]
 
     def target(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad / (self.world_size * self.weight(self.rank))
+        return grad / (self.workers() * self.weight(self.worker()))
 
     # ------------------------------------------------------------------ online L_i estimation
     def param_views(self, bucket):
@@ -316,7 +340,7 @@ class EF21WState(EF21State):
         else:
             self.smoothness = self.smoothing * self.smoothness + (1 - self.smoothing) * gathered
         self.estimates_taken += 1
-        ratio = old[self.rank] / self.weight(self.rank)
+        ratio = old[self.worker()] / self.weight(self.worker())
         for key, estimate in self.local_estimates.items():
             self.local_estimates[key] = estimate * ratio
 

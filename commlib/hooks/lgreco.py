@@ -286,7 +286,9 @@ class LGreCoEFState(LGreCoMixin, ErrorFeedbackState):
     ``family="topk"``: ``density`` (default 0.01) and ``candidates`` (densities, default
     d/4..4d); ``family="qsgd"``: ``bits`` (default 4), ``bucket_size`` (512) and ``candidates``
     (bit widths, default b-2..b+2). Payloads are all-gathered. Other arguments as
-    :class:`LGreCoPowerSGDState`.
+    :class:`LGreCoPowerSGDState`. On the two-level path (``hierarchical=``) the plan is made from
+    the whole layers' gradients, summed over every rank, and each piece of a layer is compressed
+    with its layer's setting across the rail.
 
     Example::
 
@@ -295,7 +297,6 @@ class LGreCoEFState(LGreCoMixin, ErrorFeedbackState):
 
     name = "lgreco"
     per_rank_buffers = ErrorFeedbackState.per_rank_buffers + ("lgreco_accumulated", "lgreco_tainted")
-    supports_hierarchy = False  # a setting per layer: a slice of a bucket spans layers
 
     def __init__(self, process_group=None, *, family: str = "topk", density: float = 0.01, bits: int = 4,
                  bucket_size: int = 512, exact: bool = True, candidates=None, alpha: float = 1.0,
@@ -318,7 +319,8 @@ class LGreCoEFState(LGreCoMixin, ErrorFeedbackState):
         return compress.QSGD(setting, self.bucket_size)
 
     def compressor_for(self, key):
-        return self._assigned.get(key, self._compressors[self.default_index])
+        """The layer's planned compressor; on the two-level path a piece takes its layer's."""
+        return self._assigned.get(self.layer_of(key), self._compressors[self.default_index])
 
     def candidate_table(self, grad, dtype):
         shape, n = grad.shape, grad.numel()

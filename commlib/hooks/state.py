@@ -40,7 +40,19 @@ def strip_ddp_prefix(name: str) -> str:
 
 FORMAT = "commlib.hook_state/2"
 HIERARCHICAL = ("auto", True, False)
-HIERARCHICAL_HOOKS = ("allreduce", "fp16", "bf16", "ef", "ef21", "lowrank", "powersgd", "lgreco (powersgd family)")
+def check_flat_only(name: str, hierarchical, topology) -> None:
+    """The common ``hierarchical=``/``topology=`` options of a hook with no two-level form: ``"auto"``
+    and ``False`` run flat, ``True`` is refused (``ValueError``) at construction."""
+    if hierarchical not in HIERARCHICAL or isinstance(hierarchical, int) and not isinstance(hierarchical, bool):
+        raise ValueError(f"hierarchical must be 'auto', True or False, got {hierarchical!r}")
+    if topology is not None and not isinstance(topology, Topology):
+        raise ValueError(f"topology must be a commlib.comm.Topology, got {topology!r}")
+    if hierarchical is True:
+        raise ValueError(f"the {name} hook has no two-level (hierarchical) form; hierarchical hooks: "
+                         f"{', '.join(HIERARCHICAL_HOOKS)}. Pass hierarchical=False or 'auto' (flat)")
+
+
+HIERARCHICAL_HOOKS = ("allreduce", "fp16", "bf16", "ef", "ef21", "ef21w", "lowrank", "powersgd", "lgreco")
 ON_MISMATCH = ("error", "reset")
 
 
@@ -109,6 +121,7 @@ class HookState:
         self.layout: Layout | None = None  # set at bind when the two-level exchange is on
         self.intra: Comm | None = None  # the node's ranks (dense hops)
         self.rail: Comm | None = None  # this local index on every node (the compressed hop)
+        self._piece_layers: dict[str, str] = {}  # piece key -> its parameter's key
         self.seed = seed
         self.process_group = process_group
         self.timeout = timeout
@@ -432,7 +445,13 @@ class HookState:
 
     def piece_key(self, key: str) -> str:
         """The key of this rank's piece of parameter ``key`` on the two-level path."""
-        return f"{key}/piece{self.intra.rank}of{self.intra.world_size}"
+        piece = f"{key}/piece{self.intra.rank}of{self.intra.world_size}"
+        self._piece_layers[piece] = key
+        return piece
+
+    def layer_of(self, key: str) -> str:
+        """The parameter a key names: ``key`` itself, or the parameter of a :meth:`piece_key`."""
+        return self._piece_layers.get(key, key)
 
     def prepare(self, comm: Comm, step: int) -> None:
         """Runs on the queue's thread before each bucket's job: the place for collectives that are
