@@ -100,7 +100,7 @@ def test_loopback_comm_matches_identical_ranks():
 
 def test_hierarchical_forms_send_what_one_rank_per_node_would():
     """The two-level hooks: the node's NIC carries the 1-rank-per-node figure whatever L, and on 16
-    nodes x 8 GPUs at 200 Gbit/s (7B) EF sign pays (flat: 0.49x dense)."""
+    nodes x 8 GPUs at 200 Gbit/s (7B) EF sign pays (flat: 0.51x dense)."""
     cluster = advise.Cluster(16, 8, 200.0)
     compute = advise.compute_seconds_for(7e9, 8192, 400.0)
     out = {p.method: p for p in advise.advise(cluster, 7e9, compute)}

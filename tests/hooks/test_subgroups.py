@@ -19,6 +19,8 @@ HOOKS = [
     ("ef", {"compressor": compress.Sign(), "collective": "two_phase"}),
     ("fp16", {}),
     ("ef21", {"compressor": compress.TopK(0.2)}),
+    ("ef21w", {"compressor": compress.TopK(0.2), "estimate_every": 2}),
+    ("bf16", {}),
     ("lgreco", {"family": "topk", "density": 0.1, "retune_every": 2, "accumulate_steps": 1}),
     ("agvm", {"groups": {"a": ["inp.", "mid1."], "b": ["mid2.", "norm.", "out."]}, "tau": 1}),
     ("ef", {"compressor": compress.QSGD(bits=4, bucket_size=64), "collective": "allgather"}),
