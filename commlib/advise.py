@@ -92,6 +92,7 @@ class Method:
     options: dict = field(default_factory=dict)
     per_step: bool = False  # rounds per step rather than per bucket (PowerSGD's one_round_per_step)
     hierarchical: bool = False  # the two-level form: dense in the node, the 1/L piece across it
+    local_steps: int = 0  # H > 0: a DiLoCo-style sync every H inner steps (commlib.localsgd), not a hook
 
 
 def _powersgd_payload(rank: int):
@@ -121,6 +122,22 @@ HIERARCHICAL_METHODS = [
            else 'hooks.make("allreduce", hierarchical=True)', dict(m.options), m.per_step, hierarchical=True)
     for m in METHODS if m.name in ("dense all-reduce", "fp16 cast", "PowerSGD rank 4", "EF sign, two-phase",
                                    "EF QSGD 4-bit, two-phase", "EF top-k 1%")]
+
+
+def local_step_methods(sync_every: int) -> list[Method]:
+    """DiLoCo every H inner steps (:class:`commlib.localsgd.DiLoCo`), one replica per node: the
+    outer gradient of every parameter once per sync across nodes, fp32 (all-reduce) or QSGD 4-bit
+    + EF (all-gather), plus the outer step's memory traffic (delta, residual, Nesterov buffer,
+    synced copy: ~10 passes of 4 bytes)."""
+    h = sync_every
+    return [
+        Method(f"DiLoCo fp32, H={h}", "allreduce", lambda p, b, hid: 4 * p, 1, 40.0,
+               f"localsgd.DiLoCo(model, inner, sync_every={h})", local_steps=h),
+        Method(f"DiLoCo QSGD 4-bit + EF, H={h}", "allgather", lambda p, b, hid: p / 2 + 4 * p / 512, 1, 88.0,
+               f"localsgd.DiLoCo(model, inner, sync_every={h}, compressor=QSGD(bits=4))", local_steps=h),
+    ]
+
+
 TWO_LEVEL_BYTES_PER_ELEMENT = 24.0  # the node's pieces gathered and scattered back: ~3 passes of 8 bytes
 
 
@@ -178,6 +195,19 @@ def predict(method: Method, cluster: Cluster, params: float, compute_seconds: fl
     per_element = (method.bytes_per_element / (mem_gbps * 1e9) if seconds_per_element is None
                    else seconds_per_element)
     local = cluster.gpus_per_node
+    if method.local_steps:
+        # one sync of every parameter per H inner steps, not overlapped with compute (a delayed,
+        # streaming sync would hide it): its time and the outer step are amortised over H
+        # one replica per node (DDP inside it, on the node's fabric, every step; the outer sync on
+        # the inter-node group, as README 'Slow links' recommends)
+        h = method.local_steps
+        egress = node_egress_bytes(method.pattern, payload, cluster.nodes, 1)
+        sync = cluster.seconds_for(egress, messages_per_step(method.pattern, 1, 1, cluster.nodes, cluster.nodes)) / h
+        intra = 2 * (local - 1) / local * params * grad_bytes / (cluster.intra_gbps * 1e9) if local > 1 else 0.0
+        exposed = sync + max(0.0, intra - overlap * compute_seconds)
+        hook = per_element * params * cluster.hook_slowdown / h
+        return Prediction(method.name, compute_seconds + hook + exposed, compute_seconds, hook, sync + intra, exposed,
+                          payload / h)
     if method.hierarchical and local > 1 and cluster.nodes > 1:
         # each local rank exchanges its 1/L piece across its rail (one rank per node): the node's NIC
         # carries what one rank per node would send; the dense hops inside the node (reduce-scatter,
@@ -199,12 +229,13 @@ def predict(method: Method, cluster: Cluster, params: float, compute_seconds: fl
 
 
 def advise(cluster: Cluster, params: float, compute_seconds: float, *, methods=None, costs: dict | None = None,
-           **kwargs) -> list[Prediction]:
+           sync_every: int = 0, **kwargs) -> list[Prediction]:
     """Predictions for ``methods`` (default :data:`METHODS`, plus :data:`HIERARCHICAL_METHODS` on
-    nodes of several GPUs), speedups against dense all-reduce. A hierarchical method's calibrated
-    cost is its flat form's."""
+    nodes of several GPUs, plus :func:`local_step_methods` with ``sync_every=H``), speedups against
+    dense all-reduce. A hierarchical method's calibrated cost is its flat form's."""
     if methods is None:
         methods = METHODS + (HIERARCHICAL_METHODS if cluster.gpus_per_node > 1 and cluster.nodes > 1 else [])
+        methods = methods + (local_step_methods(sync_every) if sync_every > 0 else [])
     costs = dict(costs or {})
     for m in methods:
         if m.hierarchical and m.name not in costs:
@@ -340,7 +371,21 @@ def report(predictions: list[Prediction], cluster: Cluster, params: float, assum
                      f"{1e3 * p.comm_seconds:>9.1f} {1e3 * p.exposed_comm_seconds:>8.1f} {p.payload_bytes / 1e6:>12.2f}")
     dense = predictions[0]
     best = max(predictions, key=lambda p: p.speedup)
+    per_step = max((p for p in predictions if not p.method.startswith("DiLoCo")), key=lambda p: p.speedup)
     lines.append("")
+    local = [p for p in predictions if p.method.startswith("DiLoCo")]
+    if local:
+        top = max(local, key=lambda p: p.speedup)
+        exposed = per_step.exposed_comm_seconds / per_step.step_seconds
+        if top.speedup > 1.1 * per_step.speedup:
+            lines.append(f"Local steps: {top.method} at {top.speedup:.2f}x beats the best per-step method "
+                         f"({per_step.method}, {per_step.speedup:.2f}x, which still exposes {100 * exposed:.0f}% of "
+                         "its step): prefer it if its loss holds at equal samples (it changes the optimisation; "
+                         "README 'Slow links').")
+        else:
+            lines.append(f"Local steps gain little here ({top.method} {top.speedup:.2f}x against "
+                         f"{per_step.method} {per_step.speedup:.2f}x): stay with per-step methods, which keep "
+                         "the data-parallel optimisation.")
     if best.speedup < 1.1:
         lines.append(f"Compression does not pay here (best: {best.method}, {best.speedup:.2f}x). "
                      f"Dense all-reduce exposes {1e3 * dense.exposed_comm_seconds:.1f} ms of "
@@ -372,6 +417,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overlap", type=float, default=0.5, help="share of compute that hides communication")
     parser.add_argument("--mem-gbps", type=float, default=2000.0, help="device memory bandwidth, GB/s")
     parser.add_argument("--calibrate", action="store_true", help="time each hook on this machine (a few seconds)")
+    parser.add_argument("--sync-every", type=int, default=0,
+                        help="also model DiLoCo-style local steps with a sync every H inner steps")
     args = parser.parse_args(argv)
     for name in ("params", "nodes", "gpus_per_node", "gbit", "tokens", "tflops", "mem_gbps"):
         if getattr(args, name) <= 0:
@@ -408,8 +455,10 @@ def main(argv=None) -> None:
     else:
         assumptions.append(f"hook costs = memory traffic of the fused path / {args.mem_gbps:g} GB/s "
                            "(pass --calibrate to time them on this machine)")
+    if args.sync_every < 0:
+        raise SystemExit("--sync-every must be >= 0")
     predictions = advise(cluster, args.params, compute, costs=costs, grad_bytes=args.grad_bytes, hidden=hidden,
-                         overlap=args.overlap, mem_gbps=args.mem_gbps)
+                         overlap=args.overlap, mem_gbps=args.mem_gbps, sync_every=args.sync_every)
     print(report(predictions, cluster, args.params, assumptions))
 
 

@@ -271,6 +271,56 @@ def interface_tx_bytes(interface: str | None) -> int:
 ADAMW_IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 
 
+class LocalSteps:
+    """``--local-sgd``: each rank trains its own replica; commlib's DiLoCo, or PyTorch's
+    ``PeriodicModelAverager`` (post-local SGD: parameter averaging every H steps, no outer
+    optimizer, no compression), syncs them. ``stats()["total_bytes_sent"]`` books what one rank
+    contributes (the averager: the dense parameters at each average)."""
+
+    def __init__(self, args, model: nn.Module, opt):
+        self.model, self.mode = model, args.local_sgd
+        if self.mode == "diloco":
+            from commlib.localsgd import DiLoCo
+
+            compressor = parse_compressor(args.outer_compressor) if args.outer_compressor else None
+            self.outer = DiLoCo(model, opt, sync_every=args.sync_every, outer_lr=args.outer_lr,
+                                outer_momentum=args.outer_momentum, nesterov=args.outer_momentum > 0,
+                                compressor=compressor, collective=args.outer_collective, fragments=args.fragments,
+                                delay=args.delay, mix=args.mix, timeout=args.timeout)
+        else:
+            from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+
+            self.outer = PeriodicModelAverager(period=args.sync_every, warmup_steps=0)
+            self.averaged_bytes = 0
+            self.dense = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def after_inner_step(self) -> None:
+        if self.mode == "diloco":
+            self.outer.step()
+        else:
+            before = self.outer.step
+            self.outer.average_parameters(self.model.parameters())
+            # it averages at step % period == 0 (step counted from 0, after its increment)
+            if (before % self.outer.period) == 0 and before >= self.outer.warmup_steps:
+                self.averaged_bytes += self.dense
+
+    def stats(self) -> dict:
+        if self.mode == "diloco":
+            return {"total_bytes_sent": self.outer.stats()["payload_bytes_total"]}
+        return {"total_bytes_sent": self.averaged_bytes}
+
+    def describe(self) -> dict:
+        if self.mode == "diloco":
+            stats = self.outer.stats()
+            return {"mode": "diloco", **self.outer.options(), "syncs": stats["syncs"],
+                    "skipped_syncs": stats["skipped_syncs"], "memory_bytes": stats["memory_bytes"]}
+        return {"mode": "averager", "period": self.outer.period}
+
+    def close(self) -> None:
+        if self.mode == "diloco":
+            self.outer.close()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from commlib import hooks
 
@@ -299,6 +349,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--interface", default=os.environ.get("COMMLIB_WIRE_INTERFACE"),
                         help="network interface whose tx bytes are reported (the emulated link)")
     parser.add_argument("--timeout", type=float, default=120.0, help="collective timeout in seconds")
+    parser.add_argument("--local-sgd", default="none", choices=["none", "diloco", "averager"],
+                        help="local steps instead of DDP: commlib DiLoCo, or PyTorch's PeriodicModelAverager")
+    parser.add_argument("--sync-every", type=int, default=20, help="inner steps per sync (H) for --local-sgd")
+    parser.add_argument("--outer-lr", type=float, default=0.7)
+    parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--outer-compressor", help='DiLoCo outer-gradient compressor, e.g. "QSGD(bits=4)"')
+    parser.add_argument("--outer-collective", default="auto")
+    parser.add_argument("--fragments", type=int, default=1)
+    parser.add_argument("--delay", type=int, default=0)
+    parser.add_argument("--mix", type=float, default=0.0)
     parser.add_argument("--out", help="write rank 0's JSON result here")
     parser.add_argument("--log-every", type=int, default=0)
     return parser.parse_args(argv)
@@ -320,7 +380,8 @@ def train(args: argparse.Namespace) -> dict:
         model = resnet_model(args.dim)
         data = DigitBatches(rank, world, args.batch, args.seed)
         loss_fn = cnn_loss
-    ddp = DDP(model, bucket_cap_mb=args.bucket_cap_mb)
+    local_sgd = args.local_sgd != "none"
+    ddp = model if local_sgd else DDP(model, bucket_cap_mb=args.bucket_cap_mb)
     options = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.option)}
     if args.compressor:
         # the lowrank hook compresses the residual G - P R of Fira / FRUGAL with it
@@ -329,7 +390,10 @@ def train(args: argparse.Namespace) -> dict:
                           ADAMW_IMPLEMENTATIONS[args.adamw])
     if args.hook == "lowrank":  # the hook all-reduces this optimizer's projected gradients
         options["optimizer"] = opt
-    state, fixed_bytes = register_hook(ddp, model, args.hook, options)
+    if local_sgd:
+        state, fixed_bytes = LocalSteps(args, model, opt), None
+    else:
+        state, fixed_bytes = register_hook(ddp, model, args.hook, options)
     times, losses = [], []
     hook_bytes_start = wire_start = 0
     for step in range(args.steps):
@@ -343,6 +407,8 @@ def train(args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if local_sgd:
+            state.after_inner_step()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         if rank == 0 and args.log_every and step % args.log_every == 0:
@@ -368,6 +434,9 @@ def train(args: argparse.Namespace) -> dict:
         "world": world, "steps": args.steps, "warmup": args.warmup,
         "parameters": sum(p.numel() for p in model.parameters()),
         "step_seconds_median": step_times[len(step_times) // 2],
+        # local steps sync once in H steps: their rate is the mean, not the median
+        "step_seconds_mean": sum(step_times) / len(step_times),
+        "samples_per_second_mean": batch_size * len(step_times) / sum(step_times),
         "samples_per_second": batch_size / step_times[len(step_times) // 2],
         "bytes_per_step": bytes_per_step, "dense_bytes_per_step": dense,
         "compression_ratio": dense / bytes_per_step if bytes_per_step else float("inf"),
@@ -376,7 +445,10 @@ def train(args: argparse.Namespace) -> dict:
         "eval_loss": eval_loss, "losses": losses, "step_seconds": times,
         "param_checksum": checksum,
     }
-    if state is not None:
+    if local_sgd:
+        result["local_sgd"] = state.describe()
+        state.close()
+    elif state is not None:
         stats = state.stats()
         result["skipped_steps"] = stats["skipped_steps"]
         if "lgreco" in stats:

@@ -114,3 +114,23 @@ def test_hierarchical_forms_send_what_one_rank_per_node_would():
     assert not any(p.method.endswith("hierarchical") for p in advise.advise(advise.Cluster(1, 8, 200.0), 7e9, compute))
     assert not any(p.method.endswith("hierarchical") for p in advise.advise(advise.Cluster(16, 1, 200.0), 7e9,
                                                                             compute))
+
+
+def test_local_steps_amortise_the_sync_over_h():
+    """DiLoCo every H steps: bytes per inner step are the outer gradient / H, and on a slow link its
+    step time falls towards compute as H grows; the report says when to prefer it."""
+    cluster = advise.Cluster(8, 8, gbit=0.1, latency_us=0.0, efficiency=1.0)
+    compute = 0.5
+    preds = {h: {p.method: p for p in advise.advise(cluster, 1e8, compute, sync_every=h)} for h in (10, 100, 1000)}
+    for h, by in preds.items():
+        fp32 = by[f"DiLoCo fp32, H={h}"]
+        assert fp32.payload_bytes == pytest.approx(4e8 / h)
+        # one replica per node: the sync is a ring all-reduce over 8 nodes, 2 * 7/8 * 400 MB at 12.5 MB/s, / H
+        sync = 2 * 7 / 8 * 4e8 / 12.5e6 / h
+        intra = 2 * 7 / 8 * 4e8 / 200e9  # DDP inside the node, every inner step
+        assert fp32.comm_seconds == pytest.approx(sync + intra)
+    steps = [preds[h][f"DiLoCo QSGD 4-bit + EF, H={h}"].step_seconds for h in (10, 100, 1000)]
+    assert steps[0] > steps[1] > steps[2] > compute
+    out = advise.report(list(preds[1000].values()), cluster, 1e8, [])
+    assert "Local steps" in out
+    assert not any(p.method.startswith("DiLoCo") for p in advise.advise(cluster, 1e8, compute))

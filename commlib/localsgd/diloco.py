@@ -123,7 +123,8 @@ class DiLoCo:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if fragments > sync_every:
-            raise ValueError(f"fragments must be <= sync_every ({sync_every}) so each has its own offset, got {fragments}")
+            raise ValueError(f"fragments must be <= sync_every ({sync_every}) so each has its own offset, "
+                             f"got {fragments}")
         if delay >= sync_every // fragments:
             raise ValueError(f"delay must be < sync_every / fragments ({sync_every // fragments}): a fragment's "
                              f"sync ends before the next one starts; got {delay}")

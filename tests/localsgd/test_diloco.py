@@ -151,7 +151,8 @@ def simulate_manual(world, options, steps):
     """The outer loop in one process: deltas, v = delta + e, C(v), mean in rank order, e <- v - C(v),
     outer SGD, restart (late merges mixed), in the order and float operations of the recursion."""
     c, ef = options.get("compressor"), options.get("error_feedback", True)
-    H, k, tau, mix = options["sync_every"], options.get("fragments", 1), options.get("delay", 0), options.get("mix", 0.0)
+    H, k = options["sync_every"], options.get("fragments", 1)
+    tau, mix = options.get("delay", 0), options.get("mix", 0.0)
     base = small()
     keys = [n for n, _ in base.named_parameters()]
     local = [[p.detach().clone() for p in base.parameters()] for _ in range(world)]
@@ -229,6 +230,34 @@ def test_compressed_outer_gradients_follow_the_error_feedback_recursion(label, e
         for step, (got, expected) in enumerate(zip(params, want)):
             if rank == 0:
                 assert torch.equal(got, expected), (label, step, float((got - expected).abs().max()))
+
+
+def _two_phase(rank, world):
+    model = small()
+    outer = DiLoCo(model, None, sync_every=3, compressor=compress.Sign(), collective="two_phase")
+    after = []
+    for step in range(9):
+        with torch.no_grad():
+            for i, p in enumerate(model.parameters()):
+                p.sub_(inner_update(rank, step, i, p.shape))
+        if outer.step():
+            after.append(flat(model))
+    stats = outer.stats()
+    outer.close()
+    return after, stats
+
+
+def test_two_phase_outer_gradients_keep_replicas_identical_and_memory_is_booked():
+    """Sign through the two-phase exchange (server-side error feedback on each chunk): every replica
+    restarts from the same parameters; the books count 2 fp32 copies (synced, momentum) + residuals."""
+    out = run_world(_two_phase, 3)
+    numel_bytes = 4 * sum(p.numel() for p in small().parameters())
+    for after, stats in out:
+        assert len(after) == 3 and all(torch.equal(a, b) for a, b in zip(after, out[0][0]))
+        assert stats["compression_ratio"] > 10
+        mem = stats["memory_bytes"]
+        assert mem["synced"] == mem["outer_state"] == mem["parameters"] == numel_bytes
+        assert mem["residuals"] >= numel_bytes  # worker residuals, plus the server errors of its chunks
 
 
 def test_fragments_sync_on_schedule_and_only_their_parameters_move():
