@@ -378,3 +378,56 @@ def test_replicas_that_disagree_are_refused_at_bind():
         run_world(_different_start, 2)
     with pytest.raises(WorkerError, match="disagree"):
         run_world(_per_rank_seed, 2)
+
+
+# ---------------------------------------------------------------------- replicas inside a node
+def _inside_nodes(rank, world, kind):
+    """2 nodes x 2 ranks: the replica is DDP (or FSDP2) over the node's ranks, DiLoCo syncs it across
+    the rail (the same local rank on every node)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from commlib.comm import Topology
+
+    layout = Topology(ranks_per_node=2).layout(range(world))
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("rail", "node"))
+    model = small()
+    if kind == "ddp":
+        from commlib.comm.topology import node_groups
+
+        intra, rail = node_groups(layout)
+        trained = DDP(model, process_group=intra)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        rail = mesh["rail"].get_group()
+        trained = fully_shard(model, mesh=mesh["node"])
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    outer = DiLoCo(model, inner, sync_every=3, compressor=compress.QSGD(bits=4, bucket_size=16), process_group=rail)
+    synced = []
+    for step in range(9):
+        x, y = data(rank, step)
+        inner.zero_grad()
+        nn.functional.mse_loss(trained(x), y).backward()
+        inner.step()
+        if outer.step():
+            synced.append(torch.cat([p.to_local().detach().reshape(-1) if hasattr(p, "to_local")
+                                     else p.detach().reshape(-1) for p in model.parameters()]))
+    stats = outer.stats()
+    outer.close()
+    return synced, stats, layout.position(rank)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_replicas_inside_nodes_sync_across_the_rail(kind):
+    """After every sync all four ranks hold the same replica (DDP) or shard (FSDP2: the same shard on
+    both nodes), and the outer gradient crossed nodes only: its payload is the replica's (or shard's)."""
+    out = run_world(_inside_nodes, 4, args=(kind,))
+    for synced, stats, (node, local) in out:
+        assert len(synced) == 3 and stats["syncs"] == 3
+        twin = next(s for s, _, (n, j) in out if n != node and j == local)
+        assert all(torch.equal(a, b) for a, b in zip(synced, twin))
+        if kind == "ddp":
+            assert all(torch.equal(a, b) for a, b in zip(synced, out[0][0]))
+    full = 4 * sum(p.numel() for p in small().parameters())
+    dense = out[0][1]["dense_bytes_total"] / 3
+    assert dense == (full if kind == "ddp" else pytest.approx(full / 2, rel=0.2))
