@@ -40,13 +40,19 @@ def strip_ddp_prefix(name: str) -> str:
 
 FORMAT = "commlib.hook_state/2"
 HIERARCHICAL = ("auto", True, False)
-def check_flat_only(name: str, hierarchical, topology) -> None:
-    """The common ``hierarchical=``/``topology=`` options of a hook with no two-level form: ``"auto"``
-    and ``False`` run flat, ``True`` is refused (``ValueError``) at construction."""
+def check_hierarchy_options(hierarchical, topology) -> None:
+    """Every hook's ``hierarchical=`` (``"auto"``, True or False) and ``topology=`` (a
+    :class:`~commlib.comm.Topology` or None), or ``ValueError``."""
     if hierarchical not in HIERARCHICAL or isinstance(hierarchical, int) and not isinstance(hierarchical, bool):
         raise ValueError(f"hierarchical must be 'auto', True or False, got {hierarchical!r}")
     if topology is not None and not isinstance(topology, Topology):
         raise ValueError(f"topology must be a commlib.comm.Topology, got {topology!r}")
+
+
+def check_flat_only(name: str, hierarchical, topology) -> None:
+    """The common ``hierarchical=``/``topology=`` options of a hook with no two-level form: ``"auto"``
+    and ``False`` run flat, ``True`` is refused (``ValueError``) at construction."""
+    check_hierarchy_options(hierarchical, topology)
     if hierarchical is True:
         raise ValueError(f"the {name} hook has no two-level (hierarchical) form; hierarchical hooks: "
                          f"{', '.join(HIERARCHICAL_HOOKS)}. Pass hierarchical=False or 'auto' (flat)")
@@ -112,10 +118,7 @@ class HookState:
         if finiteness not in (None, "host", "device"):
             raise ValueError(f"finiteness must be 'host', 'device' or None (device for CUDA buckets), got "
                              f"{finiteness!r}")
-        if hierarchical not in HIERARCHICAL or isinstance(hierarchical, int) and not isinstance(hierarchical, bool):
-            raise ValueError(f"hierarchical must be 'auto', True or False, got {hierarchical!r}")
-        if topology is not None and not isinstance(topology, Topology):
-            raise ValueError(f"topology must be a commlib.comm.Topology, got {topology!r}")
+        check_hierarchy_options(hierarchical, topology)
         self.hierarchical = hierarchical
         self.topology = topology
         self.layout: Layout | None = None  # set at bind when the two-level exchange is on
