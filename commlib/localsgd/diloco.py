@@ -180,8 +180,8 @@ class DiLoCo:
         self.syncs = 0  # fragment syncs started
         self.skipped_syncs = 0
         self.history: list[tuple[int, int]] = []  # (inner step, fragment) of every sync started
-        self._in_flight: dict[int, tuple[int, torch.futures.Future]] = {}  # fragment -> (merge step, result)
-        self._pending: dict[int, tuple[int, list[torch.Tensor], bool]] = {}  # loaded results not yet merged
+        # fragment -> (merge step, Future of (means, finite)); a loaded sync in flight is a completed Future
+        self._in_flight: dict[int, tuple[int, torch.futures.Future]] = {}
         # books
         self.payload_bytes_total = 0
         self.dense_bytes_total = 0
@@ -246,11 +246,8 @@ class DiLoCo:
         self.inner_steps += 1
         t = self.inner_steps
         for f in sorted(f for f, (due, _) in list(self._in_flight.items()) if due <= t):
-            due, fut = self._in_flight.pop(f)
+            _, fut = self._in_flight.pop(f)
             means, finite = fut.wait()
-            self._merge(f, means, finite)
-        for f in sorted(f for f, (due, _, _) in list(self._pending.items()) if due <= t):
-            _, means, finite = self._pending.pop(f)
             self._merge(f, means, finite)
         started = fragments_due(t, self.fragments, self.sync_every)
         for f in started:
@@ -364,20 +361,14 @@ class DiLoCo:
                 "last_sync_payload_bytes": self.last_sync_payload_bytes, "memory_bytes": self.memory_bytes()}
 
     # ------------------------------------------------------------------ checkpoints
-    def _settle(self) -> None:
-        """Wait for the syncs in flight; their results become pending merges (saved with the state)."""
-        for f, (due, fut) in list(self._in_flight.items()):
-            means, finite = fut.wait()
-            self._pending[f] = (due, means, finite)
-        self._in_flight.clear()
-
     def state_dict(self) -> dict:
         """This rank's state: the replicated part (synced copy, outer optimizer, schedule, syncs in
         flight) and ``rank{r}`` (its residuals). Tensors and primitives only."""
         self.bind()
-        self._settle()
-        pending = {str(f): {"due": due, "finite": finite, "means": dict(zip(self.fragment_keys[f], means))}
-                   for f, (due, means, finite) in self._pending.items()}
+        pending = {}  # the syncs in flight, waited for (their results are merged later, as without a save)
+        for f, (due, fut) in self._in_flight.items():
+            means, finite = fut.wait()
+            pending[str(f)] = {"due": due, "finite": finite, "means": dict(zip(self.fragment_keys[f], means))}
         return {"format": FORMAT, "method": self.name, "world_size": self.world_size, "options": self.options(),
                 "layout": self.layout(), "inner_steps": self.inner_steps, "syncs": self.syncs,
                 "skipped_syncs": self.skipped_syncs, "history": [list(h) for h in self.history],
@@ -410,9 +401,8 @@ class DiLoCo:
             held = sorted(k for k in state if k.startswith("rank"))
             raise ValueError(f"this DiLoCo state holds no part for rank {self.rank} (it holds {held}): save it "
                              "with commlib.hooks.gather_state_dict(outer) on every rank, then rank 0 writes it")
-        for f, (_, fut) in self._in_flight.items():
-            fut.wait()
-        self._in_flight.clear()
+        for _, fut in self._in_flight.values():
+            fut.wait()  # the worker must be done with this run's residuals before they are replaced
         with torch.no_grad():
             for k in self.keys:
                 self.synced[k].copy_(state["synced"][k])
@@ -420,13 +410,21 @@ class DiLoCo:
         self.inner_steps, self.syncs = int(state["inner_steps"]), int(state["syncs"])
         self.skipped_syncs = int(state["skipped_syncs"])
         self.history = [tuple(h) for h in state["history"]]
-        self._pending = {int(f): (int(p["due"]), [p["means"][k] for k in self.fragment_keys[int(f)]],
-                                  bool(p["finite"])) for f, p in state["pending"].items()}
+        self._in_flight = {int(f): (int(p["due"]), _completed(([p["means"][k] for k in self.fragment_keys[int(f)]],
+                                                               bool(p["finite"]))))
+                           for f, p in state["pending"].items()}
         self.payload_bytes_total = int(state["books"]["payload"])
         self.dense_bytes_total = int(state["books"]["dense"])
         self.last_sync_payload_bytes = int(state["books"]["last"])
         self.residuals = {k: v.clone() for k, v in mine["residuals"].items()}
         self.server_errors = {k: v.clone() for k, v in mine["server_errors"].items()}
+
+
+def _completed(value) -> torch.futures.Future:
+    """A Future that already holds ``value`` (a loaded sync in flight)."""
+    fut = torch.futures.Future()
+    fut.set_result(value)
+    return fut
 
 
 def _number(value) -> bool:
