@@ -196,10 +196,9 @@ def predict(method: Method, cluster: Cluster, params: float, compute_seconds: fl
                    else seconds_per_element)
     local = cluster.gpus_per_node
     if method.local_steps:
-        # one sync of every parameter per H inner steps, not overlapped with compute (a delayed,
+        # one replica per node (DDP inside it, on the node's fabric, every step) and one sync of every
+        # parameter per H inner steps on the inter-node group, not overlapped with compute (a delayed,
         # streaming sync would hide it): its time and the outer step are amortised over H
-        # one replica per node (DDP inside it, on the node's fabric, every step; the outer sync on
-        # the inter-node group, as README 'Slow links' recommends)
         h = method.local_steps
         egress = node_egress_bytes(method.pattern, payload, cluster.nodes, 1)
         sync = cluster.seconds_for(egress, messages_per_step(method.pattern, 1, 1, cluster.nodes, cluster.nodes)) / h

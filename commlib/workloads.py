@@ -298,10 +298,9 @@ class LocalSteps:
         if self.mode == "diloco":
             self.outer.step()
         else:
-            before = self.outer.step
+            before, warmup = self.outer.step, self.outer.warmup_steps
             self.outer.average_parameters(self.model.parameters())
-            # it averages at step % period == 0 (step counted from 0, after its increment)
-            if (before % self.outer.period) == 0 and before >= self.outer.warmup_steps:
+            if before >= warmup and (before - warmup) % self.outer.period == 0:  # the averager's own rule
                 self.averaged_bytes += self.dense
 
     def stats(self) -> dict:
