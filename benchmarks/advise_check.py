@@ -77,14 +77,38 @@ def advise_gbit(text: str) -> float:
     raise ValueError(text)
 
 
-def predict_point(p: dict, costs: dict, efficiency: float, transfer_gbps: float, overlap: float) -> float:
+def predict_point(p: dict, costs: dict, efficiency: float, transfer_gbps: float, overlap: float,
+                  intra_gbps: float = 200.0, mem_gbps: float = 2000.0) -> float:
+    """The advisor's step time for one measured point (``ranks_per_node`` and ``hierarchical`` where
+    the point has them; ``intra_gbps`` and ``mem_gbps`` only matter to the two-level form)."""
     cores = os.cpu_count() or 1
-    cluster = advise.Cluster(p["nodes"], 1, p["gbit"], LATENCY_US, efficiency, transfer_gbps,
-                             hook_slowdown=max(1.0, p["nodes"] / cores))
-    method = next(m for m in advise.METHODS if m.name == p["method"])
+    local = p.get("ranks_per_node", 1)
+    cluster = advise.Cluster(p["nodes"], local, p["gbit"], LATENCY_US, efficiency, transfer_gbps,
+                             hook_slowdown=max(1.0, p["nodes"] * local / cores), intra_gbps=intra_gbps)
+    hierarchical = p.get("hierarchical", False)
+    name = f"{p['method']}, hierarchical" if hierarchical else p["method"]
+    method = next(m for m in (advise.HIERARCHICAL_METHODS if hierarchical else advise.METHODS) if m.name == name)
     return advise.predict(method, cluster, p["params"], p["compute_seconds"], overlap=overlap,
-                          seconds_per_element=costs.get(method.name, 0.0),
+                          seconds_per_element=costs.get(p["method"], 0.0), mem_gbps=mem_gbps,
                           payload_bytes=p["payload_bytes"]).step_seconds
+
+
+def score(points: list[dict], predict) -> list[dict]:
+    """Each point with its predicted step time and speedup against dense all-reduce (both from
+    ``predict(point)``), its measured speedup and the relative speedup error."""
+    rows = []
+    for p in points:
+        predicted = predict(p)
+        dense = predict({**p, "method": "dense all-reduce", "hierarchical": False, "payload_bytes": 4 * p["params"]})
+        measured = p["dense_step_seconds"] / p["step_seconds"]
+        rows.append({**p, "predicted_step_seconds": predicted, "measured_speedup": measured,
+                     "predicted_speedup": dense / predicted, "speedup_error": dense / predicted / measured - 1})
+    return rows
+
+
+def compressed_errors(rows: list[dict]) -> list[float]:
+    """|speedup error| of the rows that compress (dense rows are the fits' and the reference)."""
+    return [abs(r["speedup_error"]) for r in rows if r["method"] != "dense all-reduce"]
 
 
 def fit(points: list[dict], costs: dict) -> tuple[float, float, float]:
@@ -152,19 +176,6 @@ def load_hierarchy_points() -> tuple[list[dict], dict] | None:
                     "dense_step_seconds": dense["step_seconds_median"]}
 
 
-def predict_hierarchy_point(p: dict, costs: dict, efficiency: float, transfer_gbps: float, overlap: float,
-                            intra_gbps: float, mem_gbps: float) -> float:
-    cores = os.cpu_count() or 1
-    cluster = advise.Cluster(p["nodes"], p["ranks_per_node"], p["gbit"], LATENCY_US, efficiency, transfer_gbps,
-                             hook_slowdown=max(1.0, p["nodes"] * p["ranks_per_node"] / cores), intra_gbps=intra_gbps)
-    method = next(m for m in advise.METHODS if m.name == p["method"])
-    if p["hierarchical"]:
-        method = next(m for m in advise.HIERARCHICAL_METHODS if m.name == f"{p['method']}, hierarchical")
-    return advise.predict(method, cluster, p["params"], p["compute_seconds"], overlap=overlap,
-                          seconds_per_element=costs.get(p["method"], 0.0), mem_gbps=mem_gbps,
-                          payload_bytes=p["payload_bytes"]).step_seconds
-
-
 def copy_gbps(numel: int = 1 << 24, repeats: int = 7) -> float:
     """This machine's memcpy bandwidth (read + write, GB/s), the limit of the two-level copies."""
     import time
@@ -180,28 +191,15 @@ def copy_gbps(numel: int = 1 << 24, repeats: int = 7) -> float:
     return 2 * numel * 4 / statistics.median(times) / 1e9
 
 
-def speedup_errors(points: list[dict], costs: dict, efficiency: float, transfer_gbps: float,
-                   overlap: float) -> list[float]:
-    """|predicted / measured speedup - 1| of the compressed 1-rank-per-node points."""
-    out = []
-    for p in points:
-        if p["method"] == "dense all-reduce":
-            continue
-        dense = predict_point({**p, "method": "dense all-reduce", "payload_bytes": 4 * p["params"]}, costs,
-                              efficiency, transfer_gbps, overlap)
-        predicted = dense / predict_point(p, costs, efficiency, transfer_gbps, overlap)
-        out.append(abs(predicted / (p["dense_step_seconds"] / p["step_seconds"]) - 1))
-    return out
-
-
 def fit_contention(points: list[dict], costs: dict, efficiency: float, transfer_gbps: float,
                    overlap: float) -> float:
     """One factor on every calibrated hook cost, for hooks that run next to backward and gloo's
     threads instead of alone: the median speedup error over the compressed 1-rank-per-node rows
     (in sample there), minimised on a grid."""
     grid = [1.0 + 0.25 * i for i in range(29)]
-    return min(grid, key=lambda k: statistics.median(speedup_errors(
-        points, {m: k * v for m, v in costs.items()}, efficiency, transfer_gbps, overlap)))
+    return min(grid, key=lambda k: statistics.median(compressed_errors(score(
+        points, lambda p: predict_point(p, {m: k * v for m, v in costs.items()}, efficiency, transfer_gbps,
+                                        overlap)))))
 
 
 def check_hierarchy(costs: dict, efficiency: float, transfer_gbps: float, overlap: float,
@@ -219,24 +217,13 @@ def check_hierarchy(costs: dict, efficiency: float, transfer_gbps: float, overla
     fit_row = next(p for p in points if p["row"] == "commlib allreduce, hierarchical")
     intra, best = None, math.inf
     for gbps in (10 ** (-1.5 + 0.02 * i) for i in range(200)):
-        err = abs(math.log(predict_hierarchy_point(fit_row, costs, efficiency, transfer_gbps, overlap, gbps, mem))
+        err = abs(math.log(predict_point(fit_row, costs, efficiency, transfer_gbps, overlap, gbps, mem))
                   - math.log(fit_row["step_seconds"]))
         if err < best:
             intra, best = gbps, err
-    out, errors = [], []
-    for p in points:
-        predicted = predict_hierarchy_point(p, costs, efficiency, transfer_gbps, overlap, intra, mem)
-        dense_pred = predict_hierarchy_point({**p, "method": "dense all-reduce", "hierarchical": False,
-                                              "payload_bytes": 4 * p["params"]}, costs, efficiency, transfer_gbps,
-                                             overlap, intra, mem)
-        measured_speedup = p["dense_step_seconds"] / p["step_seconds"]
-        predicted_speedup = dense_pred / predicted
-        error = predicted_speedup / measured_speedup - 1
-        fitted = p["method"] == "dense all-reduce"
-        if not fitted:
-            errors.append(abs(error))
-        out.append({**p, "predicted_step_seconds": predicted, "measured_speedup": measured_speedup,
-                    "predicted_speedup": predicted_speedup, "speedup_error": error, "fitted_on": fitted})
+    out = [{**r, "fitted_on": r["method"] == "dense all-reduce"}
+           for r in score(points, lambda p: predict_point(p, costs, efficiency, transfer_gbps, overlap, intra, mem))]
+    errors = compressed_errors(out)
     lines = [f"2 nodes x 2 ranks, 1 Gbit/s (`{HIER_FILES[0]}`, PowerSGD from `{HIER_FILES[1]}`, compute time "
              f"from the ceiling row of `{CEILING_FILE}`: {1e3 * info['ceiling_step_seconds']:.0f} ms; its dense row "
              f"{1e3 * info['dense_step_seconds_ceiling_run']:.0f} ms against {1e3 * info['dense_step_seconds']:.0f} ms "
@@ -281,18 +268,8 @@ def main() -> None:
     if not points:
         raise SystemExit("no scaling results: run the throughput.py scaling study first (README)")
     efficiency, transfer_gbps, overlap = fit(points, costs)
-    out, errors = [], []
-    for p in points:
-        predicted = predict_point(p, costs, efficiency, transfer_gbps, overlap)
-        dense_pred = predict_point({**p, "method": "dense all-reduce", "payload_bytes": 4 * p["params"]}, costs,
-                                   efficiency, transfer_gbps, overlap)
-        measured_speedup = p["dense_step_seconds"] / p["step_seconds"]
-        predicted_speedup = dense_pred / predicted
-        error = predicted_speedup / measured_speedup - 1
-        if p["method"] != "dense all-reduce":
-            errors.append(abs(error))
-        out.append({**p, "predicted_step_seconds": predicted, "measured_speedup": measured_speedup,
-                    "predicted_speedup": predicted_speedup, "speedup_error": error})
+    out = score(points, lambda p: predict_point(p, costs, efficiency, transfer_gbps, overlap))
+    errors = compressed_errors(out)
     lines = [f"Fitted on the {sum(p['method'] == 'dense all-reduce' for p in points)} dense rows: link efficiency "
              f"{efficiency:.2f}, host transfer cap {transfer_gbps:.2f} GB/s, overlap {overlap:.1f}. Hook costs "
              "timed here (ns/element, 1 thread): "
@@ -308,8 +285,9 @@ def main() -> None:
                f"max {100 * max(errors):.0f}%, within 20%: {sum(e <= 0.2 for e in errors)}/{len(errors)}.")
     lines += ["", summary]
     contention = fit_contention(points, costs, efficiency, transfer_gbps, overlap)
-    fitted_errors = speedup_errors(points, {m: contention * v for m, v in costs.items()}, efficiency,
-                                   transfer_gbps, overlap)
+    scaled = {m: contention * v for m, v in costs.items()}
+    fitted_errors = compressed_errors(score(points, lambda p: predict_point(p, scaled, efficiency, transfer_gbps,
+                                                                            overlap)))
     lines += ["", f"With one contention factor on the hook costs fitted on these rows (x {contention:.2f}; in "
               f"sample): median |error| {100 * statistics.median(fitted_errors):.0f}%, within 20%: "
               f"{sum(e <= 0.2 for e in fitted_errors)}/{len(fitted_errors)}."]
