@@ -40,7 +40,7 @@ def _from_bytes(blob: bytes):
 
 
 class HookStateful:
-    r"""A DCP ``Stateful`` around a commlib hook state (or AGVM state).
+    r"""A DCP ``Stateful`` around a commlib hook state (or AGVM, or :class:`commlib.localsgd.DiLoCo`).
 
     Example::
 

@@ -15,7 +15,7 @@ from commlib.comm.patterns import TwoPhaseEF, allgather_payloads, allreduce_mean
 from commlib.comm.queue import Comm, OrderedQueue
 from commlib.compress.base import Compressor, derive_seed
 from commlib.hooks.ef import COLLECTIVES, check_compressor, sum_summable_payloads, write_sparse_mean
-from commlib.hooks.state import _stable_hash
+from commlib.hooks.state import _stable_hash, tensor_keys
 
 FORMAT = "commlib.localsgd/1"
 
@@ -369,21 +369,28 @@ class DiLoCo:
         for f, (due, fut) in self._in_flight.items():
             means, finite = fut.wait()
             pending[str(f)] = {"due": due, "finite": finite, "means": dict(zip(self.fragment_keys[f], means))}
+        replicated = {"synced": dict(self.synced), "outer_optimizer": self.outer_optimizer.state_dict(),
+                      "pending": pending}
+        mine = {"residuals": dict(self.residuals), "server_errors": dict(self.server_errors)}
+        # the tensors a load must bring back: DCP loads in place, into what a fresh state holds
+        # (no residuals, no momentum yet), so a missing one is refused rather than lost
         return {"format": FORMAT, "method": self.name, "world_size": self.world_size, "options": self.options(),
                 "layout": self.layout(), "inner_steps": self.inner_steps, "syncs": self.syncs,
-                "skipped_syncs": self.skipped_syncs, "history": [list(h) for h in self.history],
-                "synced": dict(self.synced), "outer_optimizer": self.outer_optimizer.state_dict(),
-                "pending": pending,
+                "skipped_syncs": self.skipped_syncs, "history": [list(h) for h in self.history], **replicated,
+                "tensor_keys": "\n".join(tensor_keys(replicated)),
                 "books": {"payload": self.payload_bytes_total, "dense": self.dense_bytes_total,
                           "last": self.last_sync_payload_bytes},
-                f"rank{self.rank}": {"rank": self.rank, "residuals": dict(self.residuals),
-                                     "server_errors": dict(self.server_errors)}}
+                f"rank{self.rank}": {"rank": self.rank, **mine, "tensor_keys": "\n".join(tensor_keys(mine))}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, on_mismatch: str = "error") -> None:
         """Load a state saved by :meth:`state_dict` or :func:`commlib.hooks.gather_state_dict`
-        (every rank may load the same file: each takes its own ``rank{r}`` part). Refused with
+        (every rank may load the same file: each takes its own ``rank{r}`` part), or through
+        ``torch.distributed.checkpoint`` with :class:`commlib.checkpoint.HookStateful`. Refused with
         ``ValueError`` when it is not a DiLoCo state, or was saved with another world size, option
-        set or parameter layout, or holds no part for this rank."""
+        set or parameter layout, holds no part for this rank, or lacks tensors it saved (DCP into a
+        fresh state without the wrapper). There is no reset policy: ``on_mismatch`` must be "error"."""
+        if on_mismatch != "error":
+            raise ValueError(f"DiLoCo has no reset policy: on_mismatch must be 'error', got {on_mismatch!r}")
         self.bind()
         if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("method") != self.name:
             raise ValueError("not a commlib DiLoCo state (format/method missing or different)")
@@ -401,6 +408,12 @@ class DiLoCo:
             held = sorted(k for k in state if k.startswith("rank"))
             raise ValueError(f"this DiLoCo state holds no part for rank {self.rank} (it holds {held}): save it "
                              "with commlib.hooks.gather_state_dict(outer) on every rank, then rank 0 writes it")
+        lost = (_missing(state, ("synced", "outer_optimizer", "pending"))
+                + _missing(mine, ("residuals", "server_errors")))
+        if lost:
+            raise ValueError(f"this DiLoCo state lacks {len(lost)} saved tensors (e.g. {lost[0]}): "
+                             "torch.distributed.checkpoint loads in place into a fresh state; wrap it in "
+                             "commlib.checkpoint.HookStateful(outer)")
         for _, fut in self._in_flight.values():
             fut.wait()  # the worker must be done with this run's residuals before they are replaced
         with torch.no_grad():
@@ -418,6 +431,12 @@ class DiLoCo:
         self.last_sync_payload_bytes = int(state["books"]["last"])
         self.residuals = {k: v.clone() for k, v in mine["residuals"].items()}
         self.server_errors = {k: v.clone() for k, v in mine["server_errors"].items()}
+
+
+def _missing(part: dict, keys) -> list[str]:
+    """Tensors ``part["tensor_keys"]`` lists under ``keys`` but ``part`` does not hold."""
+    held = set(tensor_keys({k: part[k] for k in keys}))
+    return sorted(set(filter(None, part["tensor_keys"].split("\n"))) - held)
 
 
 def _completed(value) -> torch.futures.Future:
