@@ -15,7 +15,7 @@ STAMP := $(VENV)/.commlib-installed
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test,bench,mpi,deepspeed,privacy,parity,trainers,gpu]"
+	$(PY) -m pip install -q -e ".[test,docs,bench,mpi,deepspeed,privacy,parity,trainers,gpu]"
 	touch $(STAMP)
 
 setup: $(STAMP)

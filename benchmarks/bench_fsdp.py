@@ -1,7 +1,7 @@
 """FSDP2 with commlib on the emulated 2-node cluster: compressed reduce-scatter, int8 all-gather,
 low-rank optimizers on shards, against plain FSDP2 and DDP, on a GPT-2-style model.
 
-Every configuration trains ``commlib.fsdp.workload`` (a ``transformers`` GPT-2 config, random init,
+Every configuration trains ``workloads.train --mode fsdp`` (a ``transformers`` GPT-2 config, random init,
 next-byte prediction on the Python install's sources) with one rank per emulated node, the link
 shaped to ``--bandwidth``. It reports samples/s (median step after warm-up; each configuration run
 ``--repeat`` times and the run with the median samples/s kept), the bytes the node's NIC sent per
@@ -75,7 +75,7 @@ RANKS_PER_NODE = 1
 
 
 def run_once(cluster, args: list[str], steps: int, warmup: int, port: int) -> dict:
-    argv = ["-m", "commlib.fsdp.workload", *MODEL, *args, "--steps", str(steps), "--warmup", str(warmup)]
+    argv = ["-m", "workloads.train", "--mode", "fsdp", *MODEL, *args, "--steps", str(steps), "--warmup", str(warmup)]
     try:
         outputs = cluster.torchrun(argv, nproc_per_node=RANKS_PER_NODE, port=port, timeout=900)
     except RuntimeError as err:

@@ -1,6 +1,6 @@
 """L-GreCo against uniform compression on a real small training run (bytes per step at final loss).
 
-Each configuration trains the GPT-2-style byte LM of :mod:`commlib.workloads` with torchrun on 2
+Each configuration trains the GPT-2-style byte LM of :mod:`workloads.train` with torchrun on 2
 local ranks from the same seed and data, and reports the bytes each rank sends per step (after
 warm-up, including the dense 1-D tensors) and the held-out loss at the end. L-GreCo runs against
 the uniform setting of the same family with the same default. Results: JSON and a table.
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_config(hook_args: list[str], args) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "commlib.workloads", "--model", "gpt2", "--dim", str(args.dim), "--layers", str(args.layers),
+           "-m", "workloads.train", "--model", "gpt2", "--dim", str(args.dim), "--layers", str(args.layers),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--context", str(args.context), "--seed", str(args.seed), *hook_args]
     env = dict(os.environ, OMP_NUM_THREADS="1")

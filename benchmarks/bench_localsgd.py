@@ -3,7 +3,7 @@
     sudo python benchmarks/bench_localsgd.py                       # 100 Mbit/s and 1 Gbit/s, 2 nodes
     sudo python benchmarks/bench_localsgd.py --bandwidths 1gbit --steps 60
 
-Every row trains the same GPT-2-style model (``throughput.MODELS["gpt2"]``, :mod:`commlib.workloads`)
+Every row trains the same GPT-2-style model (``throughput.MODELS["gpt2"]``, :mod:`workloads.train`)
 for the same number of steps and batch, so every row sees the same samples; rows differ in how
 the replicas stay together:
 

@@ -1,7 +1,7 @@
 """Low-rank optimizers against AdamW on a LLaMA-style byte LM: state bytes, step time, refresh time, loss.
 
 The model is ``transformers.LlamaForCausalLM`` from a small ``LlamaConfig`` (random init, byte
-vocabulary) trained on the Python install's own sources (:mod:`commlib.workloads`). The attention
+vocabulary) trained on the Python install's own sources (:mod:`workloads.train`). The attention
 and MLP projection matrices go to the low-rank group (rank = dim/4), embeddings, norms and the head
 get AdamW, as in the GaLore/Fira/FRUGAL papers. Every optimizer trains the same steps from the same
 seed; validation loss on held-out windows at the end. Optimizer-state bytes are counted from the
@@ -27,7 +27,8 @@ from bench_output import write_results  # noqa: E402
 
 from commlib.optim import FiraAdamW, FrugalAdamW, GaLoreAdamW  # noqa: E402
 from commlib.optim import projectors as pj  # noqa: E402
-from commlib.workloads import ByteBatches, lm_loss  # noqa: E402
+from workloads.data import ByteBatches  # noqa: E402
+from workloads.models import lm_loss  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

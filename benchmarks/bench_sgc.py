@@ -1,7 +1,7 @@
 """Wall-clock time to train J jobs with the coded runtime under injected bursty stragglers:
 uncoded wait-for-all, GC(s), SR-SGC and M-SGC (Krishnan, Ebrahimi, Khisti, ICLR 2023).
 
-Every configuration is a real run of ``python -m commlib.coding.runtime`` under torchrun (gloo; or
+Every configuration is a real run of ``python -m workloads.coded`` under torchrun (gloo; or
 mpiexec with ``--transport mpi``): one master and n worker processes training ``T + 1`` digit MLPs
 concurrently (the largest T of the compared schemes, so all schemes train the same models on the same
 batches). Worker w's emulated work in round r lasts ``job_seconds x load x (1 + Exp(jitter))``, times
@@ -56,10 +56,10 @@ def launch(n: int, args: list[str], transport: str, timeout: float) -> dict:
     if transport == "mpi":
         mpiexec = str(Path(sys.executable).parent / "mpiexec")
         cmd = [mpiexec, "--allow-run-as-root", "--oversubscribe", "-n", str(n + 1), sys.executable,
-               "-m", "commlib.coding.runtime", *args, "--transport", "mpi"]
+               "-m", "workloads.coded", *args, "--transport", "mpi"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n + 1),
-               "-m", "commlib.coding.runtime", *args]
+               "-m", "workloads.coded", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):

@@ -1,7 +1,7 @@
 """The main job: training throughput per compression ratio on an emulated multi-node cluster.
 
 Every configuration trains a real architecture (GPT-2-style byte LM or ResNet, from ``transformers``
-configs, random init; :mod:`commlib.workloads`) for a fixed number of steps across ``--nodes``
+configs, random init; :mod:`workloads.train`) for a fixed number of steps across ``--nodes``
 network namespaces joined by ``tc``-shaped links (:mod:`commlib.launch.cluster`), one rank per node.
 The baselines run in the same sweep: DDP's dense allreduce, PyTorch's fp16 hook and PyTorch's
 PowerSGD hook (marked ``crashed`` where it crashes). For each configuration it reports samples/s
@@ -123,7 +123,7 @@ def setting_label(hook: str, extra: list[str]) -> str:
 
 
 def run_one(cluster, model_args, hook, extra, steps, warmup, port, ranks_per_node: int = 1) -> dict:
-    args = ["-m", "commlib.workloads", *model_args, "--hook", hook, *extra, "--steps", str(steps),
+    args = ["-m", "workloads.train", *model_args, "--hook", hook, *extra, "--steps", str(steps),
             "--warmup", str(warmup), "--timeout", "120"]
     try:
         outputs = cluster.torchrun(args, nproc_per_node=ranks_per_node, port=port, timeout=900)

@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-from commlib import hooks
+from commlib import compress, hooks
 from commlib.integrations import rank_report, write_report
 from commlib.integrations.accelerate import register_comm_hook
-from commlib.workloads import ByteWindowDataset, gpt2_model, parse_compressor, parse_value
+from workloads.data import ByteWindowDataset
+from workloads.models import gpt2_model, parse_value
 
 
 def main(argv=None) -> None:
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
 
     options = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.option)}
     if args.hook == "ef":
-        options["compressor"] = parse_compressor(args.compressor)
+        options["compressor"] = compress.from_string(args.compressor)
     options.setdefault("start_iter", 2)
     state, hook = hooks.make(args.hook, **options)
     registered = register_comm_hook(model, state, hook, accelerator=accelerator)

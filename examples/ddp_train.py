@@ -24,9 +24,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from commlib import hooks
+from commlib import compress, hooks
 from commlib.checkpoint import save_atomic
-from commlib.workloads import parse_compressor, parse_value, python_source_bytes
+from workloads.data import python_source_bytes
+from workloads.models import parse_value
 
 
 class Block(nn.Module):
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
     if args.hook != "none":
         options = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.option)}
         if args.compressor:
-            options["compressor"] = parse_compressor(args.compressor)
+            options["compressor"] = compress.from_string(args.compressor)
         state, hook = hooks.make(args.hook, model=model, **options)
         ddp.register_comm_hook(state, hook)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)

@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
 
-from commlib import hooks
+from commlib import compress, hooks
 from commlib.integrations import rank_report, write_report
 from commlib.integrations.hf import add_comm_hook
-from commlib.workloads import ByteWindowDataset, build_optimizer, gpt2_model, parse_compressor, parse_value
+from workloads.data import ByteWindowDataset
+from workloads.models import build_optimizer, gpt2_model, parse_value
 
 
 def main(argv=None) -> None:
@@ -50,7 +51,7 @@ def main(argv=None) -> None:
 
     options = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.option)}
     if args.compressor:
-        options["compressor"] = parse_compressor(args.compressor)
+        options["compressor"] = compress.from_string(args.compressor)
     options.setdefault("start_iter", 2)
     state, hook = hooks.make(args.hook, **options)
     callback = add_comm_hook(trainer, state, hook)

@@ -18,10 +18,11 @@ import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.strategies import DDPStrategy
 
-from commlib import hooks
+from commlib import compress, hooks
 from commlib.integrations import rank_report, write_report
 from commlib.integrations.lightning import CommHookCallback
-from commlib.workloads import ByteWindowDataset, build_optimizer, gpt2_model, parse_compressor, parse_value
+from workloads.data import ByteWindowDataset
+from workloads.models import build_optimizer, gpt2_model, parse_value
 
 
 class ByteLM(LightningModule):
@@ -71,7 +72,7 @@ def main(argv=None) -> None:
         os.environ["MASTER_PORT"] = str(args.port)
     options = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.option)}
     if args.compressor:
-        options["compressor"] = parse_compressor(args.compressor)
+        options["compressor"] = compress.from_string(args.compressor)
     options.setdefault("start_iter", 2)
     state, hook = hooks.make(args.hook, **options)  # no process group yet: the state binds at its first bucket
     torch.manual_seed(0)  # the same init everywhere (DDP broadcasts rank 0's anyway)

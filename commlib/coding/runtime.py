@@ -19,7 +19,7 @@ without a bound.
 Example (one master and 4 workers under ``torchrun --nproc-per-node 5`` or ``mpiexec -n 5``)::
 
     >>> scheme = coding.MSGC(n=4, B=1, W=2, lam=1)                             # doctest: +SKIP
-    >>> problem = runtime.Problem.digits(models=scheme.T + 1, batch=2 * scheme.batch_unit)
+    >>> problem = workloads.coded.digits_problem(models=scheme.T + 1, batch=2 * scheme.batch_unit)
     >>> transport = runtime.transport_for(rank, n=4)            # gloo, or MPITransport(comm, peers)
     >>> if rank == 0:
     ...     result = runtime.Master(transport, scheme, problem, jobs=30).run()
@@ -85,7 +85,9 @@ class Problem:
 
     Example::
 
-        >>> problem = Problem.digits(models=2, batch=64)
+        >>> build = lambda: nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+        >>> x, y = torch.rand(1000, 64), torch.randint(0, 10, (1000,))
+        >>> problem = Problem(build, x, y, batch=64, models=2)
         >>> problem.batch_indices(3).shape, problem.dimension
         ((64,), 2410)
     """
@@ -105,25 +107,6 @@ class Problem:
         self.batch, self.models, self.lr, self.momentum, self.seed = batch, models, lr, momentum, seed
         self.held_out = held_out
         self.dimension = sum(p.numel() for p in self.model(0).parameters())
-
-    @classmethod
-    def digits(cls, *, hidden: int = 32, models: int = 1, batch: int = 64, lr: float = 0.05,
-               momentum: float = 0.9, seed: int = 0) -> "Problem":
-        """An MLP (64 -> hidden -> 10) on scikit-learn's 8x8 digits (1,797 images shipped with the
-        package); the last 20% of a fixed shuffle is held out."""
-        from sklearn.datasets import load_digits
-
-        data = load_digits()
-        order = np.random.default_rng(12345).permutation(len(data.target))
-        x = torch.tensor(data.data[order] / 16.0, dtype=torch.float32)
-        y = torch.tensor(data.target[order], dtype=torch.int64)
-        cut = int(0.8 * len(y))
-
-        def build():
-            return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
-
-        return cls(build, x[:cut], y[:cut], batch, models=models, lr=lr, momentum=momentum, seed=seed,
-                   held_out=(x[cut:], y[cut:]))
 
     def model(self, m: int) -> nn.Module:
         """Model m with its initial weights (seeded; the global RNG is left alone)."""
@@ -614,99 +597,3 @@ def parameters_digest(parameters) -> str:
     for flat in parameters:
         digest.update(flat.detach().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def _parser():
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m commlib.coding.runtime",
-                                description="Coded data-parallel training: rank 0 is the master, ranks 1..n the workers. "
-                                            "Launch with torchrun (gloo) or mpiexec (--transport mpi).")
-    p.add_argument("--scheme", default="msgc", choices=["uncoded", "gc", "srsgc", "msgc"])
-    p.add_argument("--tolerance", type=int, default=1, help="stragglers s tolerated by --scheme gc")
-    p.add_argument("--B", type=int, default=1)
-    p.add_argument("--W", type=int, default=2)
-    p.add_argument("--lam", type=int, default=1)
-    p.add_argument("--code", default="auto", choices=["auto", "frc", "cyclic"])
-    p.add_argument("--jobs", type=int, default=30)
-    p.add_argument("--batch", type=int, default=0, help="samples per job (default: 2 x the scheme's unit)")
-    p.add_argument("--models", type=int, default=0, help="concurrent models (default: T + 1)")
-    p.add_argument("--hidden", type=int, default=32)
-    p.add_argument("--mu", type=float, default=0.2, help="straggler deadline factor; < 0: wait for all")
-    p.add_argument("--dead-after", type=float, default=30.0)
-    p.add_argument("--job-seconds", type=float, default=0.0, help="injected seconds per full job of work")
-    p.add_argument("--jitter", type=float, default=0.1)
-    p.add_argument("--slowdown", type=float, default=5.0)
-    p.add_argument("--burst-probability", type=float, default=0.0,
-                   help="bursts sampled from StragglerModel(B, W, lam) (--burst-B/W/lam override)")
-    p.add_argument("--burst-B", type=int, default=0)
-    p.add_argument("--burst-W", type=int, default=0)
-    p.add_argument("--burst-lam", type=int, default=-1)
-    p.add_argument("--burst-rounds", type=int, default=0, help="rounds of the burst pattern (default: jobs + T)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--transport", default="gloo", choices=["gloo", "mpi"])
-    return p
-
-
-def main(argv=None) -> None:
-    """The CLI; ends the process (exit status 3 when the run stopped with a StragglerFailure)."""
-    import datetime
-    import json
-    import sys
-
-    from commlib.coding.stragglers import StragglerModel
-
-    args = _parser().parse_args(argv)
-    if args.transport == "mpi":
-        from mpi4py import MPI
-
-        comm = MPI.COMM_WORLD
-        rank, world = comm.Get_rank(), comm.Get_size()
-    else:
-        import torch.distributed as dist
-
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(hours=2))
-    n = world - 1
-    scheme = make_scheme(args.scheme, n, s=args.tolerance, B=args.B, W=args.W, lam=args.lam, code=args.code)
-    batch = args.batch or 2 * scheme.batch_unit
-    problem = Problem.digits(hidden=args.hidden, models=args.models or scheme.T + 1, batch=batch, seed=args.seed)
-    if args.transport == "mpi":
-        from commlib.coding.transport import MPITransport
-
-        transport = MPITransport(comm, range(1, n + 1) if rank == 0 else [0])
-    else:
-        transport = transport_for(rank, n)
-    torch.set_num_threads(1)
-    code = 0
-    if rank == 0:
-        master = Master(transport, scheme, problem, args.jobs, mu=None if args.mu < 0 else args.mu,
-                        dead_after=args.dead_after, log=lambda text: print(text, file=sys.stderr, flush=True))
-        try:
-            result = master.run()
-        except StragglerFailure as failure:
-            result, code = failure.result, 3
-        summary = result.summary()
-        steady = result.work[scheme.T + 1: args.jobs] if args.jobs > scheme.T + 1 else result.work
-        summary.update(scheme=args.scheme, n=n, T=scheme.T, batch=batch, models=problem.models,
-                       formula_load=scheme.normalized_load, measured_load=float(steady.mean()),
-                       measured_load_max=float(steady.max()), round_seconds=result.round_seconds,
-                       stragglers=result.stragglers, digest=parameters_digest(result.parameters))
-        print("RESULT " + json.dumps(summary), flush=True)
-    else:
-        bursts = None
-        if args.burst_probability > 0:
-            model = StragglerModel(args.burst_B or args.B, args.burst_W or args.W,
-                                   args.burst_lam if args.burst_lam >= 0 else args.lam)
-            bursts = model.sample(n, args.burst_rounds or args.jobs + scheme.T, generator=args.seed,
-                                  start_probability=args.burst_probability)
-        delays = DelayProfile(args.job_seconds, jitter=args.jitter, slowdown=args.slowdown, bursts=bursts,
-                              seed=args.seed) if args.job_seconds > 0 else None
-        Worker(transport, scheme, problem, rank - 1, delays=delays).run()
-    from commlib.launch.mpi import leave
-
-    leave(code)  # receiving threads may still sit in gloo recv: leave without C++ teardown
-
-
-if __name__ == "__main__":
-    main()

@@ -7,6 +7,8 @@ from commlib.compress.powersgd import PowerSGD
 from commlib.compress.qsgd import QSGD
 from commlib.compress.randomk import RandomK
 from commlib.compress.sign import Sign
+from commlib.compress.spec import from_string
 from commlib.compress.topk import TopK
 
-__all__ = ["Cast", "Compressor", "Identity", "Payload", "PowerSGD", "QSGD", "RandomK", "Sign", "TopK", "derive_seed"]
+__all__ = ["Cast", "Compressor", "Identity", "Payload", "PowerSGD", "QSGD", "RandomK", "Sign", "TopK", "derive_seed",
+           "from_string"]

@@ -14,10 +14,10 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather
 
 from commlib.compress.base import require_int
 from commlib.fsdp.codec import BufferPool
+from commlib.fsdp.torch_internals import AllGather
 
 
 def quantize_int8_blocks(x: torch.Tensor, block_size: int, codes_out: torch.Tensor | None = None,
@@ -115,8 +115,17 @@ class QuantizedAllGather(AllGather):
 class QuantizedGathers:
     """The books of :func:`quantize_all_gather`: bytes per call and in total over every module."""
 
-    def __init__(self, comms: list[tuple[str, QuantizedAllGather]]):
+    def __init__(self, comms: list[tuple[str, QuantizedAllGather]], modules: list | None = None):
         self.comms = comms
+        self.modules = modules or []
+
+    def remove(self) -> None:
+        """Put FSDP2's own all-gather back on every module (full-precision weights again)."""
+        from commlib.fsdp.torch_internals import restore_default_all_gather
+
+        for m in self.modules:
+            restore_default_all_gather(m)
+        self.modules = []
 
     def buffer_bytes(self) -> int:
         return self.comms[0][1].pool.nbytes() if self.comms else 0
@@ -152,4 +161,4 @@ def quantize_all_gather(module: torch.nn.Module, block_size: int = 256) -> Quant
         comm = QuantizedAllGather(block_size, pool)
         m.set_custom_all_gather(comm)
         comms.append((name, comm))
-    return QuantizedGathers(comms)
+    return QuantizedGathers(comms, [m for _, m in found])

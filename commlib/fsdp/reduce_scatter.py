@@ -24,10 +24,10 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
 from commlib.compress import PowerSGD, derive_seed
 from commlib.fsdp import codec
+from commlib.fsdp.torch_internals import ReduceScatter
 
 
 def compress_rows(rows: torch.Tensor, compressor, segments: list[codec.Segment], seeds: list[int],

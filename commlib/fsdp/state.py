@@ -12,6 +12,7 @@ from commlib.compress import Compressor
 from commlib.fsdp import codec
 from commlib.fsdp.reduce_scatter import CompressedReduceScatter
 from commlib.fsdp.replicate import ReplicaCompression, group_of, module_mesh
+from commlib.fsdp.torch_internals import padded_shard_shapes, restore_default_reduce_scatter
 from commlib.hooks.state import (
     FORMAT,
     ON_MISMATCH,
@@ -30,16 +31,6 @@ RESIDUAL_DTYPES = {False: None, True: torch.float32, "fp32": torch.float32, "bf1
 def fsdp_modules(module: torch.nn.Module) -> list[tuple[str, FSDPModule]]:
     """Every ``fully_shard``-ed module under (and including) ``module``, with its name, in module order."""
     return [(name, m) for name, m in module.named_modules() if isinstance(m, FSDPModule)]
-
-
-def padded_shard_shapes(module: FSDPModule) -> list[tuple[int, ...]]:
-    """The padded per-rank shard shape of each parameter, in FSDP's reduce-scatter order (private API:
-    FSDP hands the comm flat buffers only, so the matrix-wise compressors read the layout here)."""
-    groups = module._get_fsdp_state()._fsdp_param_groups
-    if len(groups) > 1:
-        raise ValueError("compress_gradients supports one parameter group per FSDP module (no shard_placement_fn "
-                         "with per-parameter meshes)")
-    return [tuple(p.padded_sharded_param_size) for g in groups for p in g.fsdp_params]
 
 
 class GradientCompression:
@@ -268,10 +259,8 @@ class GradientCompression:
 
     def remove(self) -> None:
         """Put FSDP's default reduce-scatter back on every module."""
-        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
-
         for c in self.comms:
-            c.module.set_custom_reduce_scatter(DefaultReduceScatter())
+            restore_default_reduce_scatter(c.module)
         self.comms = []
 
 

@@ -17,7 +17,7 @@ even by SIGKILL. Only namespaces whose name carries this run's tag are ever dele
 them are killed first. Without root (or without ``ip``/``tc``) :func:`open_cluster` falls back to
 unshaped loopback with a clear message.
 
-    commlib-cluster --nodes 2 --bandwidth 1gbit -- -m commlib.workloads --hook powersgd --option rank=4
+    commlib-cluster --nodes 2 --bandwidth 1gbit -- -m workloads.train --hook powersgd --option rank=4
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class EmulatedCluster:
     Example (as root)::
 
         with EmulatedCluster(nodes=2, bandwidth="1gbit", latency="0.5ms") as cluster:
-            outputs = cluster.torchrun(["-m", "commlib.workloads", "--hook", "fp16"])
+            outputs = cluster.torchrun(["-m", "workloads.train", "--hook", "fp16"])
             print(outputs[0])   # node 0's stdout
     """
 
@@ -377,7 +377,7 @@ def main(argv=None) -> int:
         return 0
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
     if not script:
-        parser.error("give the training script after --, e.g. -- -m commlib.workloads --hook fp16")
+        parser.error("give the training script after --, e.g. -- -m workloads.train --hook fp16")
     _install_signal_handlers()
     cluster = open_cluster(args.nodes, args.bandwidth, args.latency, log=lambda m: print(m, file=sys.stderr))
     with cluster:

@@ -1,6 +1,6 @@
 """Run a torch.distributed script under ``mpiexec``: MPI ranks become torch.distributed's environment.
 
-    mpiexec --allow-run-as-root --oversubscribe -n 2 python -m commlib.launch.mpi -m commlib.workloads --hook fp16
+    mpiexec --allow-run-as-root --oversubscribe -n 2 python -m commlib.launch.mpi -m workloads.train --hook fp16
     mpiexec -n 4 -H node0:2,node1:2 python -m commlib.launch.mpi train.py --epochs 3
 
 Each process reads its rank, world size and local rank from MPI (via ``mpi4py``; Open MPI's

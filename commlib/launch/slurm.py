@@ -14,7 +14,7 @@ Debian's ``slurmctld slurmd slurm-client munge`` (``scripts/install_slurm.sh``).
 Example (as root)::
 
     with EmulatedCluster(nodes=2) as cluster, EmulatedSlurm(cluster) as slurm:
-        out = slurm.sbatch(["--nodes=2", "launch/slurm.sbatch", "-m", "commlib.workloads"])
+        out = slurm.sbatch(["--nodes=2", "launch/slurm.sbatch", "-m", "workloads.train"])
 """
 
 from __future__ import annotations

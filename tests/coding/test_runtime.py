@@ -13,6 +13,7 @@ import torch
 
 from commlib import coding
 from commlib.coding import runtime
+from workloads.coded import digits_problem
 from tests.conftest import run_world
 
 TIMEOUT = 120
@@ -21,7 +22,7 @@ MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.path
 
 
 def _train(rank, world, scheme, jobs, batch, models, master_kwargs, worker_kwargs):
-    problem = runtime.Problem.digits(models=models, batch=batch)
+    problem = digits_problem(models=models, batch=batch)
     transport = runtime.transport_for(rank, scheme.n)
     if rank == 0:
         master = runtime.Master(transport, scheme, problem, jobs, **master_kwargs)
@@ -66,7 +67,7 @@ def train(scheme, jobs, *, batch=None, models=None, master_kwargs=None, worker_k
     out = run_world(_train, scheme.n + 1, timeout=TIMEOUT, hard_exit=True, may_die=may_die,
                     args=(scheme, jobs, batch, models, master_kwargs or {}, worker_kwargs or {}))
     train.workers = out[1:]
-    return out[0], runtime.Problem.digits(models=models, batch=batch)
+    return out[0], digits_problem(models=models, batch=batch)
 
 
 SCHEMES = {
@@ -185,11 +186,11 @@ def test_a_really_slow_process_is_masked_and_its_late_work_dropped():
 
 
 def test_bad_arguments_raise_value_errors():
-    problem = runtime.Problem.digits(models=1, batch=8)
+    problem = digits_problem(models=1, batch=8)
     with pytest.raises(ValueError, match="models must be >= T \\+ 1"):
         runtime.Master(None, coding.MSGC(2, 1, 2, 1), problem, 4)
     with pytest.raises(ValueError, match="batch must be a positive multiple of 6"):
-        runtime.Master(None, coding.MSGC(2, 1, 2, 1), runtime.Problem.digits(models=2, batch=8), 4)
+        runtime.Master(None, coding.MSGC(2, 1, 2, 1), digits_problem(models=2, batch=8), 4)
     with pytest.raises(ValueError, match="mu must"):
         runtime.Master(None, coding.GCScheme(2, 1), problem, 4, mu=-1.0)
     with pytest.raises(ValueError, match="startup_timeout must"):
@@ -203,7 +204,7 @@ def test_bad_arguments_raise_value_errors():
 
 
 def _cli(launcher, *args):
-    cmd = launcher + ["-m", "commlib.coding.runtime", *args]
+    cmd = launcher + ["-m", "workloads.coded", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -217,7 +218,7 @@ def test_mpiexec_and_torchrun_train_the_same_parameters_as_the_reference():
     mpi = _cli([MPIEXEC, "--allow-run-as-root", "--oversubscribe", "-n", "3", sys.executable], *args, "--transport", "mpi")
     torchrun = _cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"], *args)
     scheme = coding.MSGC(2, 1, 2, 1)
-    reference = runtime.reference_training(scheme, runtime.Problem.digits(models=2, batch=mpi["batch"]), 8)
+    reference = runtime.reference_training(scheme, digits_problem(models=2, batch=mpi["batch"]), 8)
     assert mpi["digest"] == torchrun["digest"] == runtime.parameters_digest(reference)
     assert mpi["measured_load"] == pytest.approx(scheme.normalized_load)
 

@@ -40,7 +40,7 @@ def test_two_node_ddp_with_a_hook_across_the_shaped_link():
         qdisc = subprocess.run(["ip", "netns", "exec", cluster.node(0), "tc", "qdisc", "show", "dev", "eth0"],
                                capture_output=True, text=True).stdout
         assert "200Mbit" in qdisc
-        outputs = cluster.torchrun(["-m", "commlib.workloads", "--model", "gpt2", "--dim", "64", "--layers", "1",
+        outputs = cluster.torchrun(["-m", "workloads.train", "--model", "gpt2", "--dim", "64", "--layers", "1",
                                     "--steps", "6", "--warmup", "2", "--hook", "powersgd", "--option", "rank=2"],
                                    timeout=240)
     result = json.loads(next(line for line in outputs[0].splitlines() if line.startswith("RESULT "))[7:])
@@ -96,7 +96,7 @@ def test_sigterm_of_the_cli_cleans_up():
                     reason="deepspeed not installed (pip install -e .[deepspeed])")
 def test_deepspeed_launcher_across_the_cluster():
     with cl.EmulatedCluster(nodes=2) as cluster:
-        outputs = cluster.deepspeed(["--module", "commlib.workloads", "--dim", "64", "--layers", "1", "--steps", "4",
+        outputs = cluster.deepspeed(["--module", "workloads.train", "--dim", "64", "--layers", "1", "--steps", "4",
                                      "--warmup", "1", "--hook", "fp16"], timeout=240)
     result = json.loads(next(line for line in outputs[0].splitlines() if line.startswith("RESULT "))[7:])
     assert result["world"] == 2 and result["ranks_agree"]

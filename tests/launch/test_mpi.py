@@ -13,7 +13,7 @@ from commlib.launch.mpi import torch_environment
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
 MPIEXEC = shutil.which("mpiexec", path=BIN + os.pathsep + os.environ.get("PATH", ""))
-WORKLOAD = ["-m", "commlib.workloads", "--model", "gpt2", "--dim", "64", "--layers", "1", "--steps", "6",
+WORKLOAD = ["-m", "workloads.train", "--model", "gpt2", "--dim", "64", "--layers", "1", "--steps", "6",
             "--warmup", "2", "--hook", "ef", "--compressor", "TopK(density=0.05)", "--seed", "3"]
 
 

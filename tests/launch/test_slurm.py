@@ -29,7 +29,7 @@ def test_sbatch_two_nodes_trains_with_identical_ranks_then_everything_is_torn_do
         groups = [p.pid for p in slurm.procs]  # each daemon leads its own session
         assert len(groups) == 4 and all(map(sl.group_alive, groups))  # munged, slurmctld, 2 x slurmd
         code, output = slurm.sbatch(
-            ["--nodes=2", f"{ROOT}/launch/slurm.sbatch", "-m", "commlib.workloads", "--model", "gpt2", "--dim", "64",
+            ["--nodes=2", f"{ROOT}/launch/slurm.sbatch", "-m", "workloads.train", "--model", "gpt2", "--dim", "64",
              "--layers", "1", "--steps", "6", "--warmup", "2", "--hook", "powersgd", "--option", "rank=2",
              "--timeout", "60"],
             cwd=tmp_path, timeout=240,

@@ -1,0 +1,52 @@
+"""Compressors written as text, as on a command line: ``"QSGD(bits=4)"`` <-> ``QSGD(bits=4)``."""
+
+from __future__ import annotations
+
+import ast
+
+from commlib.compress.base import Compressor
+
+
+def from_string(text: str) -> Compressor:
+    """The compressor ``text`` names, with keyword arguments as Python literals.
+
+    ``text`` is a class of :mod:`commlib.compress` called with keyword arguments only; each value is
+    parsed with :func:`ast.literal_eval` (numbers, strings, booleans, tuples, None), and a bare
+    word is a string. Nothing else is evaluated. Raises ``ValueError`` naming the text when it does
+    not parse or names no compressor; a bad argument raises the compressor's own ``ValueError``.
+
+    Example::
+
+        >>> from commlib import compress
+        >>> compress.from_string("QSGD(bits=4, bucket_size=512)")
+        QSGD(bits=4, bucket_size=512)
+        >>> compress.from_string("TopK(density=0.01)").density
+        0.01
+    """
+    import commlib.compress as package
+
+    try:
+        call = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError as error:
+        raise ValueError(f"compressor text {text!r} is not a call like 'QSGD(bits=4)': {error.msg}") from None
+    if isinstance(call, ast.Name):  # "Sign" means Sign()
+        call = ast.Call(func=call, args=[], keywords=[])
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
+        raise ValueError(f"compressor text {text!r} must be a class name called with keyword arguments, "
+                         "e.g. 'QSGD(bits=4)'")
+    cls = getattr(package, call.func.id, None)
+    if not (isinstance(cls, type) and issubclass(cls, Compressor)):
+        names = sorted(n for n in package.__all__ if isinstance(getattr(package, n), type)
+                       and issubclass(getattr(package, n), Compressor) and n != "Compressor")
+        raise ValueError(f"compressor text {text!r} names no compressor; one of {', '.join(names)}")
+    kwargs = {}
+    for keyword in call.keywords:
+        if isinstance(keyword.value, ast.Name):  # a bare word is a string
+            kwargs[keyword.arg] = keyword.value.id
+            continue
+        try:
+            kwargs[keyword.arg] = ast.literal_eval(keyword.value)
+        except ValueError:
+            raise ValueError(f"compressor text {text!r}: the value of {keyword.arg} must be a Python literal "
+                             "or a bare word") from None
+    return cls(**kwargs)
