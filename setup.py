@@ -10,6 +10,7 @@ can JIT-build them too.
 """
 
 import os
+import runpy
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
+# the compiler flags the JIT loader uses too, read without importing commlib (and torch)
+BUILD = runpy.run_path(str(ROOT / "commlib" / "_build_config.py"))
 
 
 class BuildPyWithSources(build_py):
@@ -36,16 +39,17 @@ def extensions():
 
     include = [str(ROOT / "csrc" / "include")]
     cpu = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
-    flags = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]}
+    flags = {"cxx": BUILD["CPU_FLAGS"]}
     if torch.version.cuda and cpp_extension.CUDA_HOME is not None:
         cuda = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
-        flags["nvcc"] = ["-O3", "--fmad=false", "--expt-relaxed-constexpr"]
+        flags["nvcc"] = BUILD["CUDA_FLAGS"]
         ext = cpp_extension.CUDAExtension(
-            "commlib._C", cpu + cuda, include_dirs=include, extra_compile_args=flags, extra_link_args=["-fopenmp"]
+            "commlib._C", cpu + cuda, include_dirs=include, extra_compile_args=flags,
+            extra_link_args=BUILD["CPU_LINK_FLAGS"],
         )
     else:
         ext = cpp_extension.CppExtension(
-            "commlib._C", cpu, include_dirs=include, extra_compile_args=flags, extra_link_args=["-fopenmp"]
+            "commlib._C", cpu, include_dirs=include, extra_compile_args=flags, extra_link_args=BUILD["CPU_LINK_FLAGS"]
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)}
 

@@ -6,10 +6,11 @@ Environment toggles:
 ``COMMLIB_JIT=0``           do not JIT-build on first use (an AOT build is still loaded).
 ``COMMLIB_CACHE_DIR``       where JIT builds live (default ``~/.cache/commlib``).
 ``COMMLIB_VERBOSE_BUILD=1`` show the compiler's output.
-``COMMLIB_CUDA_BACKEND``    CUDA tensors: ``auto`` (default: the torch extension if it builds, else
-                            cupy/NVRTC if cupy is installed, else the references), ``extension``,
-                            ``cupy`` (no nvcc build: ``csrc/cuda/kernels`` compiled at run time by
-                            NVRTC, see :mod:`commlib.ops._cupy`) or ``reference``.
+``COMMLIB_CUDA_BACKEND``    CUDA tensors: ``auto`` (default: the torch extension if nvcc builds it,
+                            else the references), ``extension``, ``cupy`` (no nvcc build:
+                            ``csrc/cuda/kernels`` compiled at run time by NVRTC, see
+                            :mod:`commlib.ops._cupy`; only when chosen, since no GPU run of
+                            ``scripts/gpu_check.sh`` has passed with it yet) or ``reference``.
 
 Nothing here raises: a missing compiler or a failed build is logged once and the Python
 references (always registered, see ``commlib/ops``) serve every call. The dispatcher picks the
@@ -28,34 +29,25 @@ from pathlib import Path
 
 import torch
 
+from commlib._build_config import (
+    CPU_FLAGS,
+    CPU_LINK_FLAGS,
+    CUDA_FLAGS,
+    CUDA_HOST_FLAGS,
+    cpu_sources,
+    cuda_sources,
+    source_root,
+)
+
 log = logging.getLogger("commlib.ext")
 
 _lock = threading.Lock()
 _status: dict[str, str] = {}  # "cpu" / "cuda" -> "cpp" | "cuda" | "python"; "error" -> message
 
-CPU_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
-CUDA_FLAGS = ["-O3", "--fmad=false", "--expt-relaxed-constexpr"]
 
 
 def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def source_root() -> Path | None:
-    """The kernel sources: packaged copy (``commlib/_csrc``) or the repository's ``csrc``."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_csrc", here.parent / "csrc"):
-        if (candidate / "include" / "commlib" / "elementwise.h").is_file():
-            return candidate
-    return None
-
-
-def cpu_sources(root: Path) -> list[str]:
-    return sorted(str(p) for p in (root / "cpu").glob("*.cpp"))
-
-
-def cuda_sources(root: Path) -> list[str]:
-    return sorted(str(p) for p in (root / "cuda").glob("*.cu"))
 
 
 def cache_dir() -> Path:
@@ -123,7 +115,7 @@ def _load() -> None:
         log.warning("commlib: no C++ compiler found; using the Python reference ops")
         return
     try:
-        _jit_build("cpu", cpu_sources(root), root, extra_cflags=CPU_FLAGS, extra_ldflags=["-fopenmp"])
+        _jit_build("cpu", cpu_sources(root), root, extra_cflags=CPU_FLAGS, extra_ldflags=CPU_LINK_FLAGS)
         _status.update(cpu="cpp", reason="JIT build")
     except Exception as exc:
         detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
@@ -146,20 +138,22 @@ def cuda_backend_choice() -> str:
 
 
 def _load_cuda(root: Path) -> None:
-    """The torch extension (nvcc), else cupy/NVRTC, as COMMLIB_CUDA_BACKEND asks (status "cuda" / "cupy")."""
+    """The torch extension (nvcc); cupy/NVRTC only with COMMLIB_CUDA_BACKEND=cupy (status "cuda" / "cupy")."""
     choice = cuda_backend_choice()
     if choice == "reference":
         return
     nvcc = shutil.which("nvcc") or (os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"], "bin", "nvcc"))
     if choice == "extension" or (choice == "auto" and nvcc):
         try:
-            _jit_build("cuda", cuda_sources(root), root, extra_cflags=["-O3"], extra_cuda_cflags=CUDA_FLAGS)
+            _jit_build("cuda", cuda_sources(root), root, extra_cflags=CUDA_HOST_FLAGS, extra_cuda_cflags=CUDA_FLAGS)
             _status["cuda"] = "cuda"
             return
         except Exception as exc:
             log.warning("commlib: building the CUDA kernels failed (%s)", exc)
             if choice == "extension":
                 return
+    if choice != "cupy":  # cupy/NVRTC only when chosen explicitly: it has not passed a GPU run yet
+        return
     try:
         import cupy  # noqa: F401  (the launchers import it lazily; check it is there before choosing it)
 
@@ -168,8 +162,7 @@ def _load_cuda(root: Path) -> None:
         _cupy.register()
         _status["cuda"] = "cupy"
     except ImportError:
-        if choice == "cupy":
-            log.warning("commlib: COMMLIB_CUDA_BACKEND=cupy but cupy is not installed; CUDA tensors use the "
+        log.warning("commlib: COMMLIB_CUDA_BACKEND=cupy but cupy is not installed; CUDA tensors use the "
                         "reference ops (pip install commlib[gpu])")
 
 

@@ -5,6 +5,15 @@ from __future__ import annotations
 import ast
 
 from commlib.compress.base import Compressor
+from commlib.compress.cast import Cast
+from commlib.compress.identity import Identity
+from commlib.compress.powersgd import PowerSGD
+from commlib.compress.qsgd import QSGD
+from commlib.compress.randomk import RandomK
+from commlib.compress.sign import Sign
+from commlib.compress.topk import TopK
+
+COMPRESSORS = {cls.__name__: cls for cls in (Cast, Identity, PowerSGD, QSGD, RandomK, Sign, TopK)}
 
 
 def from_string(text: str) -> Compressor:
@@ -23,8 +32,6 @@ def from_string(text: str) -> Compressor:
         >>> compress.from_string("TopK(density=0.01)").density
         0.01
     """
-    import commlib.compress as package
-
     try:
         call = ast.parse(text.strip(), mode="eval").body
     except SyntaxError as error:
@@ -34,11 +41,9 @@ def from_string(text: str) -> Compressor:
     if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
         raise ValueError(f"compressor text {text!r} must be a class name called with keyword arguments, "
                          "e.g. 'QSGD(bits=4)'")
-    cls = getattr(package, call.func.id, None)
-    if not (isinstance(cls, type) and issubclass(cls, Compressor)):
-        names = sorted(n for n in package.__all__ if isinstance(getattr(package, n), type)
-                       and issubclass(getattr(package, n), Compressor) and n != "Compressor")
-        raise ValueError(f"compressor text {text!r} names no compressor; one of {', '.join(names)}")
+    cls = COMPRESSORS.get(call.func.id)
+    if cls is None:
+        raise ValueError(f"compressor text {text!r} names no compressor; one of {', '.join(COMPRESSORS)}")
     kwargs = {}
     for keyword in call.keywords:
         if isinstance(keyword.value, ast.Name):  # a bare word is a string

@@ -15,6 +15,7 @@ from commlib.comm.agree import agree_across_ranks
 from commlib.comm.groups import private_group
 from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm, OrderedQueue
+from commlib.hooks.registry import make, register
 from commlib.hooks.state import HookState, check_flat_only, options_differ, strip_ddp_prefix
 
 ESTIMATORS = ("halves", "scalar")
@@ -93,6 +94,7 @@ def assign_groups(model: nn.Module, groups, strict: bool = True) -> dict[str, st
 
 
 # ---------------------------------------------------------------------------------------- the state
+@register("agvm")
 class AGVMState:
     r"""AGVM around an inner hook: every ``tau`` steps, measure each module group's gradient
     variance, and keep per-group learning-rate multipliers ``mu`` (EMA with ``momentum``).
@@ -137,8 +139,6 @@ class AGVMState:
                  momentum: float = 0.97, start_iter: int = 2, estimator: str = "scalar", strict: bool = True,
                  use_adam: bool = False, optimizer=None, timeout: float | None = None, hierarchical="auto",
                  topology=None):
-        from commlib import hooks
-
         check_flat_only(self.name, hierarchical, topology)  # its halves' statistics are per rank
 
         if model is None:
@@ -160,7 +160,7 @@ class AGVMState:
         self._param_names = {id(p): strip_ddp_prefix(n) for n, p in model.named_parameters()}
         options = dict(inner_options or {})
         options.setdefault("model", model)
-        self.inner_state, self.inner_hook = hooks.make(inner, process_group, **options)
+        self.inner_state, self.inner_hook = make(inner, process_group, **options)
         self.tau, self.momentum, self.start_iter = tau, float(momentum), start_iter
         self.estimator = estimator
         self.use_adam = use_adam

@@ -6,9 +6,11 @@ import torch
 
 from commlib.comm.patterns import allreduce_mean_
 from commlib.comm.queue import Comm
+from commlib.hooks.registry import register
 from commlib.hooks.state import HookState
 
 
+@register("allreduce")
 class AllreduceState(HookState):
     r"""Plain averaging of every bucket through commlib's ordered queue: DDP's own result, bit for bit.
 
@@ -87,3 +89,15 @@ class CastState(HookState):
             return buffer
 
         return job
+
+
+@register("fp16")
+def fp16_state(process_group=None, **options) -> CastState:
+    """``hooks.make("fp16")``: the gradients cast to float16 on the wire."""
+    return CastState(process_group, dtype=torch.float16, **options)
+
+
+@register("bf16")
+def bf16_state(process_group=None, **options) -> CastState:
+    """``hooks.make("bf16")``: the gradients cast to bfloat16 on the wire."""
+    return CastState(process_group, dtype=torch.bfloat16, **options)

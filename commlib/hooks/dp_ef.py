@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from commlib.hooks.registry import register
 from commlib.hooks.state import check_flat_only
 
 
+@register("dp_ef")
 class DPErrorFeedbackState:
     r"""Leaves each bucket's local gradient as it is: no collective.
 

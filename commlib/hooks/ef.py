@@ -8,6 +8,7 @@ from commlib import compress
 from commlib.comm.patterns import TwoPhaseEF, allgather_payloads, allreduce_mean_, split_like
 from commlib.comm.queue import Comm
 from commlib.compress.base import Compressor, Payload
+from commlib.hooks.registry import register
 from commlib.hooks.state import HookState, ParamView
 
 COLLECTIVES = ("auto", "allreduce", "allgather", "two_phase")
@@ -32,6 +33,7 @@ def check_compressor(compressor) -> Compressor:
     return compressor
 
 
+@register("ef")
 class ErrorFeedbackState(HookState):
     r"""Any compressor with classic error feedback, one residual per parameter.
 

@@ -11,6 +11,7 @@ from commlib.comm.queue import Comm
 from commlib.compress.base import Compressor, Payload
 from commlib.hooks.ef import COLLECTIVES, check_compressor, sum_summable_payloads
 from commlib.hooks.ef21_theory import ef21w_weights
+from commlib.hooks.registry import register
 from commlib.hooks.state import HookState, ParamView
 
 
@@ -30,6 +31,7 @@ def scale_payload(payload: Payload, factor: float) -> Payload:
     return Payload(tensors, payload.shape, payload.dtype, payload.context)
 
 
+@register("ef21")
 class EF21State(HookState):
     r"""EF21 with any compressor: each rank keeps its gradient estimate ``g_i``, all ranks the same ``g``.
 
@@ -212,6 +214,7 @@ class EF21State(HookState):
         self.server_errors = dict(buffers["server_errors"])
 
 
+@register("ef21w")
 class EF21WState(EF21State):
     r"""EF21-W: EF21 with weights ``w_i = L_i / sum_j L_j`` (Richtárik, Gasanov, Burlachenko 2024, Alg. 1)::
 

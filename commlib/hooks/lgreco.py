@@ -15,6 +15,7 @@ from commlib.compress.topk import topk_count
 from commlib.hooks.ef import ErrorFeedbackState
 from commlib.hooks.lgreco_solver import lowrank_errors, plan_with_fallback, qsgd_errors, topk_errors
 from commlib.hooks.powersgd import PowerSGDState, should_compress
+from commlib.hooks.registry import register
 from commlib.hooks.state import ParamView
 
 FAMILIES = ("powersgd", "topk", "qsgd")
@@ -342,6 +343,7 @@ class LGreCoEFState(LGreCoMixin, ErrorFeedbackState):
         self._assigned = {k: self._compressors[i] for k, i in self.plan.items()}
 
 
+@register("lgreco")
 def make_lgreco(process_group=None, family: str = "powersgd", **options):
     """``hooks.make("lgreco", family=...)``: the state for the chosen compression family."""
     if family not in FAMILIES:

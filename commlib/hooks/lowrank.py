@@ -28,12 +28,14 @@ import torch
 from commlib.comm.patterns import allgather_payloads, allreduce_mean_, split_like
 from commlib.comm.queue import Comm
 from commlib.compress.base import Compressor
+from commlib.hooks.registry import register
 from commlib.hooks.state import HookState, ParamView, numel_bytes
 from commlib.optim import projectors as pj
 
 RESIDUALS = ("exact", "none")
 
 
+@register("lowrank")
 class LowRankState(HookState):
     r"""A DDP hook bound to a :class:`~commlib.optim.GaLoreAdamW`, :class:`~commlib.optim.FiraAdamW`
     or :class:`~commlib.optim.FrugalAdamW`: projected gradients on the wire.

@@ -11,6 +11,7 @@ from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm
 from commlib.compress.base import require_int
 from commlib.compress.powersgd import orthogonalize_, shared_gaussian
+from commlib.hooks.registry import register
 from commlib.hooks.state import HookState, ParamView, _stable_hash
 
 
@@ -28,6 +29,7 @@ def matrix_of(view: ParamView) -> torch.Tensor:
     return view.grad.view(view.grad.shape[0], -1)
 
 
+@register("powersgd")
 class PowerSGDState(HookState):
     r"""PowerSGD with the semantics and options of PyTorch's ``powerSGD_hook``.
 

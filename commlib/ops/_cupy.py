@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from commlib._build_config import source_root
 from commlib.ops._reference import seed_key
 
 FLOATS = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
@@ -60,8 +61,6 @@ NAME_EXPRESSIONS: dict[str, list[str]] = {
 
 # ---------------------------------------------------------------------------------------- compiling
 def kernel_dir() -> Path:
-    from commlib._ext import source_root
-
     root = source_root()
     if root is None:
         raise FileNotFoundError("commlib's kernel sources (csrc/) are not installed")
