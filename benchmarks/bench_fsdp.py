@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_output import bandwidth_bytes_per_second, table_cell  # noqa: E402
+
 from commlib.launch.cluster import EmulatedCluster, open_cluster  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -117,7 +119,7 @@ def table(rows: list[dict], link_bps: float | None) -> str:
     base = by.get("FSDP2 + AdamW") or by.get("HSDP, native dense all-reduce")
     for r in rows:
         if r.get("crashed"):
-            out.append(f"| {r['label']} | crashed: {r['reason'][:80]} | | | | | | | | | | | | |")
+            out.append(f"| {r['label']} | crashed: {table_cell(r['reason'])} | | | | | | | | | | | | |")
             continue
         ceiling = None
         if "RS" in r["label"] and "ceiling" not in r["label"]:
@@ -192,7 +194,6 @@ def main() -> None:
     if args.only:
         wanted = [w.strip().lower() for w in args.only.split(",")]
         configs = [c for c in configs if any(w in c[0].lower() for w in wanted)]
-    from throughput import bandwidth_bytes_per_second
 
     cluster = open_cluster(args.nodes, args.bandwidth, args.latency, log=lambda m: print(m, file=sys.stderr))
     emulated = isinstance(cluster, EmulatedCluster)

@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from throughput import MODELS, RESULTS, bandwidth_bytes_per_second, run_one  # noqa: E402
+from bench_output import bandwidth_bytes_per_second, table_cell  # noqa: E402
+from throughput import MODELS, RESULTS, run_one  # noqa: E402
 
 from commlib.launch.cluster import EmulatedCluster, open_cluster  # noqa: E402
 
@@ -65,7 +66,7 @@ def table(rows: list[dict], link_bps: float | None) -> str:
     dense = next((r for r in rows if r["label"] == "dense DDP" and not r.get("crashed")), None)
     for r in rows:
         if r.get("crashed"):
-            out.append(f"| {r['label']} | crashed: {r['reason'][:80]} | | | | | | |")
+            out.append(f"| {r['label']} | crashed: {table_cell(r['reason'])} | | | | | | |")
             continue
         wire = r.get("wire_tx_bytes_per_step")
         dense_wire = dense.get("wire_tx_bytes_per_step") if dense else None

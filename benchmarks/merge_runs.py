@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    from throughput import bandwidth_bytes_per_second, table
+    from bench_output import bandwidth_bytes_per_second
+    from throughput import table
 
     loaded = [(path, json.loads(Path(path).read_text())) for path in args.runs]
     merged = []

@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_output import bandwidth_bytes_per_second, table_cell  # noqa: E402
+
 from commlib.launch.cluster import EmulatedCluster, open_cluster  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -105,14 +107,6 @@ MODELS = {
 }
 
 
-def bandwidth_bytes_per_second(text: str) -> float:
-    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
-    for unit, scale in units.items():
-        if text.lower().endswith(unit):
-            return float(text[: -len(unit)]) * scale / 8
-    raise ValueError(f"bandwidth must look like 1gbit / 100mbit, got {text!r}")
-
-
 def setting_label(hook: str, extra: list[str]) -> str:
     parts = []
     for flag, value in zip(extra[::2], extra[1::2]):
@@ -149,7 +143,7 @@ def table(rows: list[dict], link_bps: float | None) -> str:
              if r["hook"] == "none" and not r.get("crashed")}
     for r in rows:
         if r.get("crashed"):
-            out.append(f"| {r['model_name']} | {r['method']} | {r['setting']} | crashed: {r['reason'][:80]} "
+            out.append(f"| {r['model_name']} | {r['method']} | {r['setting']} | crashed: {table_cell(r['reason'])} "
                        "| | | | | | | | |")
             continue
         base = dense.get((r["model_name"], r.get("optimizer", "adamw"), r.get("projector")))

@@ -39,6 +39,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from commlib.comm.patterns import ring_bytes
+from commlib.compress import QSGD, Cast, Compressor, Identity, PowerSGD, Sign, TopK
+
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 AGARWAL = ("Agarwal et al., MLSys 2022: on fast networks dense all-reduce largely hides behind backward, "
            "and compression only adds its own compute")
@@ -95,24 +98,32 @@ class Method:
     local_steps: int = 0  # H > 0: a DiLoCo-style sync every H inner steps (commlib.localsgd), not a hook
 
 
-def _powersgd_payload(rank: int):
-    def payload(params, grad_bytes, hidden):  # matrices of (hidden, 4 hidden): P and Q of rank r
-        return params * grad_bytes * rank * (hidden + 4 * hidden) / (4 * hidden * hidden)
+GRAD_DTYPES = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
+
+
+def payload_of(compressor: Compressor, dtype: torch.dtype | None = None):
+    """``payload(params, grad_bytes, hidden)``: the bytes ``compressor`` sends per step for a model
+    of ``params`` parameters held as matrices of (hidden, 4 hidden) (a transformer's MLP blocks),
+    from :meth:`Compressor.nbytes` of one such matrix times their count. ``dtype`` fixes the
+    element type (DiLoCo's fp32 outer gradients); otherwise the gradients' (``grad_bytes``)."""
+    def payload(params, grad_bytes, hidden):
+        shape = (hidden, 4 * hidden)
+        return compressor.nbytes(shape, dtype or GRAD_DTYPES[grad_bytes]) * params / (4 * hidden * hidden)
     return payload
 
 
 METHODS = [
-    Method("dense all-reduce", "allreduce", lambda p, b, h: p * b, 1, 0.0, "DDP's default"),
-    Method("fp16 cast", "allreduce", lambda p, b, h: p * min(b, 2), 1, 12.0, 'hooks.make("fp16")'),
-    Method("PowerSGD rank 1", "allreduce", _powersgd_payload(1), 2, 28.0, 'hooks.make("powersgd", rank=1)',
+    Method("dense all-reduce", "allreduce", payload_of(Identity()), 1, 0.0, "DDP's default"),
+    Method("fp16 cast", "allreduce", payload_of(Cast(torch.float16)), 1, 12.0, 'hooks.make("fp16")'),
+    Method("PowerSGD rank 1", "allreduce", payload_of(PowerSGD(rank=1)), 2, 28.0, 'hooks.make("powersgd", rank=1)',
            {"rank": 1}, per_step=True),
-    Method("PowerSGD rank 4", "allreduce", _powersgd_payload(4), 2, 28.0, 'hooks.make("powersgd", rank=4)',
+    Method("PowerSGD rank 4", "allreduce", payload_of(PowerSGD(rank=4)), 2, 28.0, 'hooks.make("powersgd", rank=4)',
            {"rank": 4}, per_step=True),
-    Method("EF sign, two-phase", "two_phase", lambda p, b, h: p / 8, 2, 48.0,
+    Method("EF sign, two-phase", "two_phase", payload_of(Sign()), 2, 48.0,
            'hooks.make("ef", compressor=Sign(), collective="two_phase")'),
-    Method("EF QSGD 4-bit, two-phase", "two_phase", lambda p, b, h: p / 2 + 4 * p / 512, 2, 48.0,
+    Method("EF QSGD 4-bit, two-phase", "two_phase", payload_of(QSGD(bits=4)), 2, 48.0,
            'hooks.make("ef", compressor=QSGD(bits=4), collective="two_phase")'),
-    Method("EF top-k 1%", "allgather", lambda p, b, h: 0.01 * p * (b + 4), 1, 56.0,
+    Method("EF top-k 1%", "allgather", payload_of(TopK(0.01)), 1, 56.0,
            'hooks.make("ef", compressor=TopK(0.01))'),
 ]
 # the two-level forms (hierarchical=True): the same payload per node, one piece per local rank
@@ -131,9 +142,9 @@ def local_step_methods(sync_every: int) -> list[Method]:
     synced copy: ~10 passes of 4 bytes)."""
     h = sync_every
     return [
-        Method(f"DiLoCo fp32, H={h}", "allreduce", lambda p, b, hid: 4 * p, 1, 40.0,
+        Method(f"DiLoCo fp32, H={h}", "allreduce", payload_of(Identity(), torch.float32), 1, 40.0,
                f"localsgd.DiLoCo(model, inner, sync_every={h})", local_steps=h),
-        Method(f"DiLoCo QSGD 4-bit + EF, H={h}", "allgather", lambda p, b, hid: p / 2 + 4 * p / 512, 1, 88.0,
+        Method(f"DiLoCo QSGD 4-bit + EF, H={h}", "allgather", payload_of(QSGD(bits=4), torch.float32), 1, 88.0,
                f"localsgd.DiLoCo(model, inner, sync_every={h}, compressor=QSGD(bits=4))", local_steps=h),
     ]
 
@@ -157,9 +168,10 @@ def node_egress_bytes(pattern: str, payload: float, nodes: int, gpus_per_node: i
     if nodes <= 1:
         return 0.0
     if pattern == "allreduce":
-        return 2 * (world - 1) / world * payload
+        return ring_bytes("all_reduce", float(payload), world)
     if pattern == "two_phase":
-        return gpus_per_node * payload * (world - gpus_per_node) / world + payload * (world - 1) / world
+        return gpus_per_node * payload * (world - gpus_per_node) / world + ring_bytes("all_gather", float(payload),
+                                                                                      world)
     if pattern == "allgather":
         return (world - 1) * payload
     raise ValueError(f"pattern must be allreduce, two_phase or allgather, got {pattern!r}")

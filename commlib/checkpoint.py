@@ -26,7 +26,13 @@ import io
 import torch
 import torch.distributed as dist
 
-from commlib.hooks.state import ON_MISMATCH, is_rank_key, require_initialized, tensor_keys, without_per_rank
+from commlib.comm.rank_state import (
+    check_on_mismatch,
+    is_rank_key,
+    require_initialized,
+    tensor_keys,
+    without_per_rank,
+)
 
 
 def _to_bytes(obj) -> bytes:
@@ -45,10 +51,10 @@ class HookStateful:
     Example::
 
         >>> import torch.distributed.checkpoint as dcp                                    # doctest: +SKIP
-        >>> from commlib.checkpoint import HookStateful
-        >>> dcp.save({"model": model.state_dict(), "hook": HookStateful(state)}, checkpoint_id=path)
+        >>> from commlib.checkpoint import HookStateful    # doctest: +SKIP
+        >>> dcp.save({"model": model.state_dict(), "hook": HookStateful(state)}, checkpoint_id=path) # doctest: +SKIP
         >>> # after a restart, in fresh processes, with a fresh state:
-        >>> dcp.load({"model": model.state_dict(), "hook": HookStateful(state)}, checkpoint_id=path)
+        >>> dcp.load({"model": model.state_dict(), "hook": HookStateful(state)}, checkpoint_id=path) # doctest: +SKIP
 
     Arguments:
         state: the hook state.
@@ -56,8 +62,7 @@ class HookStateful:
     """
 
     def __init__(self, state, on_mismatch: str = "error"):
-        if on_mismatch not in ON_MISMATCH:
-            raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
+        check_on_mismatch(on_mismatch)
         if not hasattr(state, "state_dict") or not hasattr(state, "load_state_dict"):
             raise ValueError(f"state must be a commlib hook state, got {type(state).__name__}")
         self.state = state

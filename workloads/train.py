@@ -152,7 +152,7 @@ class LocalSteps:
 
     def stats(self) -> dict:
         if self.mode == "diloco":
-            return {"total_bytes_sent": self.outer.stats()["payload_bytes_total"]}
+            return {"total_bytes_sent": self.outer.stats()["total_bytes_sent"]}
         return {"total_bytes_sent": self.averaged_bytes}
 
     def describe(self) -> dict:

@@ -19,9 +19,9 @@ without a bound.
 Example (one master and 4 workers under ``torchrun --nproc-per-node 5`` or ``mpiexec -n 5``)::
 
     >>> scheme = coding.MSGC(n=4, B=1, W=2, lam=1)                             # doctest: +SKIP
-    >>> problem = workloads.coded.digits_problem(models=scheme.T + 1, batch=2 * scheme.batch_unit)
-    >>> transport = runtime.transport_for(rank, n=4)            # gloo, or MPITransport(comm, peers)
-    >>> if rank == 0:
+    >>> problem = workloads.coded.digits_problem(models=scheme.T + 1, batch=2 * scheme.batch_unit)  # doctest: +SKIP
+    >>> transport = runtime.transport_for(rank, n=4)            # gloo, or MPITransport(comm, peers) # doctest: +SKIP
+    >>> if rank == 0:    # doctest: +SKIP
     ...     result = runtime.Master(transport, scheme, problem, jobs=30).run()
     ... else:
     ...     runtime.Worker(transport, scheme, problem, worker=rank - 1).run()

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from commlib.comm.packing import pack, unpack
 from commlib.comm.queue import Comm
 from commlib.compress.base import Compressor, Payload, derive_seed
 
@@ -23,27 +24,26 @@ def split_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tenso
     return [piece.view(t.shape) for piece, t in zip(pieces, like)]
 
 
+RING_FACTORS = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
+
+
+def ring_bytes(kind: str, nbytes, world: int):
+    """Bytes one rank sends in a ring ``kind`` over ``world`` ranks on a buffer of ``nbytes`` (the
+    whole reduced or gathered buffer): ``(W - 1) / W`` of it, twice for an all-reduce (a
+    reduce-scatter then an all-gather). Integer bytes stay integers (floored)."""
+    factor = RING_FACTORS[kind]
+    if isinstance(nbytes, int):
+        return factor * (world - 1) * nbytes // world
+    return factor * (world - 1) * nbytes / world
+
+
 def to_bytes(tensors) -> tuple[torch.Tensor, list[tuple[torch.dtype, torch.Size, int]]]:
     """Concatenate tensors of any dtypes into one uint8 buffer; the layout rebuilds them."""
-    layout, parts = [], []
-    for t in tensors:
-        t = t.contiguous()
-        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
-        layout.append((t.dtype, t.shape, raw.numel()))
-        parts.append(raw)
-    flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
-    return flat, layout
+    return pack(tensors)
 
 
 def from_bytes(flat: torch.Tensor, layout) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for dtype, shape, nbytes in layout:
-        raw = flat[offset : offset + nbytes]
-        if offset % torch.empty((), dtype=dtype).element_size():
-            raw = raw.clone()  # e.g. int32 indices after bf16 values: realign before viewing
-        out.append(raw.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype, device=flat.device))
-        offset += nbytes
-    return out
+    return unpack(flat, layout)
 
 
 def allgather_payloads(comm: Comm, payloads: list[Payload]) -> list[list[Payload]]:

@@ -15,6 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from commlib.comm.rank_state import byte_books
 from commlib.compress.base import require_int
 from commlib.fsdp.codec import BufferPool
 from commlib.fsdp.torch_internals import AllGather
@@ -133,8 +134,10 @@ class QuantizedGathers:
     def stats(self) -> dict:
         sent = sum(c.total_bytes_sent for _, c in self.comms)
         dense = sum(c.total_bytes_dense for _, c in self.comms)
-        return {"total_bytes_sent": sent, "total_bytes_dense": dense,
-                "compression_ratio": dense / sent if sent else 1.0,
+        last_sent = sum(c.bytes_sent for _, c in self.comms)
+        last_dense = sum(c.bytes_dense for _, c in self.comms)
+        return {**byte_books("fsdp_quantized_all_gather", max((c.calls for _, c in self.comms), default=0),
+                             last_sent, last_dense, sent, dense, 0),
                 "calls": sum(c.calls for _, c in self.comms), "seconds": sum(c.seconds for _, c in self.comms)}
 
 
@@ -147,8 +150,8 @@ def quantize_all_gather(module: torch.nn.Module, block_size: int = 256) -> Quant
     Example::
 
         >>> from commlib.fsdp import compress_gradients, quantize_all_gather      # doctest: +SKIP
-        >>> gathers = quantize_all_gather(model)                 # int8 weights on the wire (qwZ)
-        >>> state = compress_gradients(model, QSGD(bits=8))      # int8 gradients on the wire (qgZ)
+        >>> gathers = quantize_all_gather(model)                 # int8 weights on the wire (qwZ)   # doctest: +SKIP
+        >>> state = compress_gradients(model, QSGD(bits=8))      # int8 gradients on the wire (qgZ) # doctest: +SKIP
     """
     from commlib.fsdp.state import fsdp_modules
 

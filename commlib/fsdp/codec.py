@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from commlib.comm import packing
+from commlib.comm.packing import ALIGN, aligned
 from commlib.compress import Identity, Payload, PowerSGD
 
 
@@ -64,36 +66,21 @@ def payload_layout(payload: Payload) -> list[tuple[tuple[int, ...], torch.dtype,
     return [(tuple(t.shape), t.dtype, t.numel() * t.element_size()) for t in payload.tensors]
 
 
-ALIGN = 8  # every wire tensor starts at a multiple of 8 bytes, so it is viewed in place on receipt
-
-
-def aligned(nbytes: int) -> int:
-    return -(-nbytes // ALIGN) * ALIGN
-
-
 def pack(payloads: list[Payload], out: torch.Tensor) -> torch.Tensor:
     """Write the wire tensors of ``payloads`` into the uint8 vector ``out``, each 8-byte aligned."""
-    offset = 0
-    for payload in payloads:
-        for t in payload.tensors:
-            raw = t.contiguous().reshape(-1).view(torch.uint8)
-            out[offset : offset + raw.numel()].copy_(raw)
-            offset += aligned(raw.numel())
-    if offset != out.numel():
-        raise RuntimeError(f"packed {offset} bytes into a {out.numel()}-byte message")
-    return out
+    return packing.pack([t for p in payloads for t in p.tensors], out, ALIGN)[0]
 
 
 def unpack(buffer: torch.Tensor, templates: list[Payload]) -> list[Payload]:
     """The payloads in the uint8 ``buffer``, shaped like ``templates`` (this rank's own payloads of
     the same row: same shapes, dtypes, and the shared-seed context such as random-k's indices)."""
-    out, offset = [], 0
+    tensors = packing.unpack(buffer, [(t.dtype, t.shape, t.numel() * t.element_size())
+                                      for p in templates for t in p.tensors], ALIGN)
+    out, start = [], 0
     for template in templates:
-        tensors = []
-        for shape, dtype, nbytes in payload_layout(template):
-            tensors.append(buffer[offset : offset + nbytes].view(dtype).view(shape))
-            offset += aligned(nbytes)
-        out.append(Payload(tuple(tensors), template.shape, template.dtype, template.context))
+        count = len(template.tensors)
+        out.append(Payload(tuple(tensors[start : start + count]), template.shape, template.dtype, template.context))
+        start += count
     return out
 
 
@@ -102,7 +89,7 @@ def message_bytes(payloads: list[Payload]) -> int:
     return sum(aligned(t.numel() * t.element_size()) for p in payloads for t in p.tensors)
 
 
-def finite_flag(row: torch.Tensor) -> torch.Tensor:
+def overflow_value(row: torch.Tensor) -> torch.Tensor:
     """0 for a finite row, else its first non-finite value (float32): added to the receiver's sum it
     lets an overflow through every compressor (random-k would drop most of the row's values).
     min and max propagate NaN and inf in one pass (``isfinite(row).all()`` is 10x slower on CPU)."""

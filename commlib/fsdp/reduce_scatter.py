@@ -166,7 +166,7 @@ class CompressedReduceScatter(ReduceScatter):
         rows = input_tensor.view(world, -1)
         chunk = rows.shape[1]
         segments = codec.row_segments(chunk, self.param_shapes, isinstance(state.compressor, PowerSGD))
-        flags = torch.stack([codec.finite_flag(rows[j]) for j in range(world)])
+        flags = torch.stack([codec.overflow_value(rows[j]) for j in range(world)])
         finite = not bool(flags.ne(0).any())  # NaN != 0 too
         v = rows.float()
         if state.residual_dtype is not None:

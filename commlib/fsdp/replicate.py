@@ -31,6 +31,7 @@ import torch
 
 from commlib.comm.groups import private_group
 from commlib.comm.queue import Comm
+from commlib.comm.rank_state import byte_books
 from commlib.compress import Compressor, PowerSGD
 
 
@@ -99,8 +100,8 @@ class ReplicaCompression:
     def stats(self) -> dict:
         sent = sum(s for s, _ in self.last.values())
         dense = sum(d for _, d in self.last.values())
-        return {"replicas": self.replicas.world_size, "shards": self.shards.world_size, "bytes_sent": sent,
-                "bytes_dense": dense, "compression_ratio": dense / sent if sent else 1.0,
-                "total_bytes_sent": self.total_sent, "total_bytes_dense": self.total_dense,
-                "wire_bytes_total": self.replicas.bytes_sent, "skipped_steps": self.engine.skipped_steps,
+        return {**byte_books("hsdp_replica", max(self.steps.values(), default=0), sent, dense, self.total_sent,
+                             self.total_dense, self.engine.skipped_steps),
+                "replicas": self.replicas.world_size, "shards": self.shards.world_size,
+                "wire_bytes_total": self.replicas.bytes_sent,
                 "residual_bytes": sum(t.numel() * t.element_size() for t in self.engine.residuals.values())}

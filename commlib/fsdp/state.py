@@ -8,22 +8,25 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
+from commlib.comm.rank_state import (
+    FORMAT,
+    agree_on_load,
+    byte_books,
+    check_format,
+    check_on_mismatch,
+    compression_ratio,
+    missing_tensors,
+    options_differ,
+    pick_rank_state,
+    require_initialized,
+    settle_load,
+    tensor_keys,
+)
 from commlib.compress import Compressor
 from commlib.fsdp import codec
 from commlib.fsdp.reduce_scatter import CompressedReduceScatter
 from commlib.fsdp.replicate import ReplicaCompression, group_of, module_mesh
 from commlib.fsdp.torch_internals import padded_shard_shapes, restore_default_reduce_scatter
-from commlib.hooks.state import (
-    FORMAT,
-    ON_MISMATCH,
-    any_rank_max,
-    check_format,
-    missing_tensors,
-    options_differ,
-    pick_rank_state,
-    require_initialized,
-    tensor_keys,
-)
 
 RESIDUAL_DTYPES = {False: None, True: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -119,21 +122,16 @@ class GradientCompression:
         if inter is not None:
             sent, dense = sent + inter["bytes_sent"], dense + inter["bytes_dense"]
         out = {
-            "method": self.name,
+            **byte_books(self.name, max((c.step for c in self.comms), default=0), sent, dense,
+                         sum(c.total_bytes_sent for c in self.comms), sum(c.total_bytes_dense for c in self.comms),
+                         max((c.skipped_steps for c in self.comms), default=0)),
             "compressor": repr(self.compressor),
             "error_feedback": self.error_feedback,
-            "step": max((c.step for c in self.comms), default=0),
-            "bytes_sent": sent,
-            "bytes_dense": dense,
-            "compression_ratio": dense / sent if sent else 1.0,
-            "total_bytes_sent": sum(c.total_bytes_sent for c in self.comms),
-            "total_bytes_dense": sum(c.total_bytes_dense for c in self.comms),
-            "skipped_steps": max((c.skipped_steps for c in self.comms), default=0),
             "residual_bytes": self.residual_bytes(),
             "buffer_bytes": self.pool.nbytes(),
             "hook_seconds": sum(c.seconds for c in self.comms),
             "per_module": {c.name: {"bytes_sent": c.bytes_sent, "bytes_dense": c.bytes_dense,
-                                    "compression_ratio": c.bytes_dense / c.bytes_sent if c.bytes_sent else 1.0,
+                                    "compression_ratio": compression_ratio(c.bytes_dense, c.bytes_sent),
                                     "step": c.step}
                            for c in self.comms},
         }
@@ -188,22 +186,13 @@ class GradientCompression:
         """Load a :meth:`state_dict` (or a gathered one). A state of another rank or world size
         raises ValueError, or with ``on_mismatch="reset"`` restarts with empty residuals; other
         options or another module list always raise. Every rank reaches the same verdict."""
-        if on_mismatch not in ON_MISMATCH:
-            raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
+        check_on_mismatch(on_mismatch)
         check_format(state, self.name)
         rank, world = self._rank_world()
         mine, problems = pick_rank_state(state, rank, world, self.name)
         fatal = self._unfit(mine) or (None if problems else self._misshapen(mine, world))
-        worst = any_rank_max(2 if fatal else 1 if problems else 0, self.process_group)
-        if fatal:
-            raise ValueError(fatal)
-        if worst == 2:
-            raise ValueError("fsdp_compress state: another rank refused its part of the checkpoint; nothing loaded")
-        if worst == 1 and on_mismatch == "error":
-            raise ValueError("fsdp_compress state: " + "; ".join(problems or ["another rank's part does not fit"])
-                             + ". Its error-feedback residuals belong to one rank: save every rank's state "
-                             "(commlib.checkpoint.HookStateful with DCP, or hooks.gather_state_dict), or pass "
-                             "on_mismatch='reset' to start with empty residuals")
+        reset = settle_load(self.name, agree_on_load(fatal, problems, self.process_group), fatal, problems,
+                            on_mismatch, "Its error-feedback residuals (a reset starts with empty ones)")
         buffers = mine["buffers"]
         for c, step, skipped, (sent, dense) in zip(self.comms, mine["steps"], mine["skipped_steps"], mine["totals"]):
             c.step, c.skipped_steps = int(step), int(skipped)
@@ -211,7 +200,7 @@ class GradientCompression:
             key = c.name or "root"
             c.residual = None
             c.warm_q = {}
-            if worst == 1:
+            if reset:
                 continue
             if key in buffers["residuals"]:
                 c.residual = buffers["residuals"][key].clone()
@@ -220,7 +209,7 @@ class GradientCompression:
                 if owner == key:
                     c.warm_q[(int(j), int(s))] = q.clone()
         if self.replica is not None:
-            self.replica.engine.residuals = ({} if worst == 1 else
+            self.replica.engine.residuals = ({} if reset else
                                              {k: v.clone() for k, v in buffers.get("replica_residuals", {}).items()})
             self.replica.steps = {k: int(v) for k, v in buffers.get("replica_steps", {}).items()}
 
@@ -296,15 +285,15 @@ def compress_gradients(module: torch.nn.Module, compressor: Compressor, *, error
     Example::
 
         >>> import torch, torch.distributed as dist                                   # doctest: +SKIP
-        >>> from torch.distributed.fsdp import fully_shard
-        >>> from commlib.compress import QSGD
-        >>> from commlib.fsdp import compress_gradients
-        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
-        >>> for layer in model: fully_shard(layer)
-        >>> fully_shard(model)
-        >>> state = compress_gradients(model, QSGD(bits=8))
-        >>> model(torch.randn(4, 64)).sum().backward()
-        >>> state.stats()["compression_ratio"]   # about 3.9
+        >>> from torch.distributed.fsdp import fully_shard    # doctest: +SKIP
+        >>> from commlib.compress import QSGD    # doctest: +SKIP
+        >>> from commlib.fsdp import compress_gradients    # doctest: +SKIP
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))    # doctest: +SKIP
+        >>> for layer in model: fully_shard(layer)    # doctest: +SKIP
+        >>> fully_shard(model)    # doctest: +SKIP
+        >>> state = compress_gradients(model, QSGD(bits=8))    # doctest: +SKIP
+        >>> model(torch.randn(4, 64)).sum().backward()    # doctest: +SKIP
+        >>> state.stats()["compression_ratio"]   # about 3.9    # doctest: +SKIP
     """
     if reduce_scatter not in (None, "compressed", "dense"):
         raise ValueError(f"reduce_scatter must be 'compressed', 'dense' or None, got {reduce_scatter!r}")

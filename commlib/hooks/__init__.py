@@ -19,6 +19,7 @@ from commlib.hooks.gc import GradientCodingState
 from commlib.hooks.lowrank import LowRankState
 # isort: on
 from commlib.comm.queue import PeerFailure
+from commlib.comm.rank_state import gather_state_dict
 from commlib.hooks.ef21_theory import (
     compressor_alpha,
     ef21_stepsize,
@@ -28,7 +29,7 @@ from commlib.hooks.ef21_theory import (
     ef21w_weights,
 )
 from commlib.hooks.registry import commlib_hook, make, names, register
-from commlib.hooks.state import HookState, gather_state_dict
+from commlib.hooks.state import HookState
 
 __all__ = ["AGVMState", "AllreduceState", "CastState", "DPErrorFeedbackState", "EF21State", "EF21WState",
            "ErrorFeedbackState", "GradientCodingState", "HookState", "LGreCoEFState", "LGreCoPowerSGDState",

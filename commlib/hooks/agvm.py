@@ -15,8 +15,9 @@ from commlib.comm.agree import agree_across_ranks
 from commlib.comm.groups import private_group
 from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm, OrderedQueue
+from commlib.comm.rank_state import byte_books, check_on_mismatch, options_differ
 from commlib.hooks.registry import make, register
-from commlib.hooks.state import HookState, check_flat_only, options_differ, strip_ddp_prefix
+from commlib.hooks.state import HookState, check_flat_only, strip_ddp_prefix
 
 ESTIMATORS = ("halves", "scalar")
 
@@ -124,12 +125,12 @@ class AGVMState:
     Example::
 
         >>> from commlib import hooks                                                    # doctest: +SKIP
-        >>> groups = hooks.propose_groups(model)      # {"backbone": "backbone", "neck": "neck", ...}
-        >>> state, hook = hooks.make("agvm", inner="powersgd", inner_options={"rank": 4}, model=model,
+        >>> groups = hooks.propose_groups(model)      # {"backbone": "backbone", "neck": "neck", ...} # doctest: +SKIP
+        >>> state, hook = hooks.make("agvm", inner="powersgd", inner_options={"rank": 4}, model=model, # doctest: +SKIP
         ...                          groups=groups)
-        >>> ddp.register_comm_hook(state, hook)
-        >>> opt = torch.optim.SGD(hooks.param_groups_by_module(model, groups), lr=0.1)
-        >>> ... loss.backward(); with state.modulate(opt): opt.step()
+        >>> ddp.register_comm_hook(state, hook)    # doctest: +SKIP
+        >>> opt = torch.optim.SGD(hooks.param_groups_by_module(model, groups), lr=0.1)    # doctest: +SKIP
+        >>> ... loss.backward(); with state.modulate(opt): opt.step()    # doctest: +SKIP
     """
 
     name = "agvm"
@@ -345,7 +346,11 @@ class AGVMState:
     # ------------------------------------------------------------------ books and checkpoints
     def stats(self) -> dict:
         inner = self.inner_state.stats() if hasattr(self.inner_state, "stats") else {}
-        return {"method": "agvm", "step": self.step, "mu": self.multipliers(), "history": list(self.history),
+        # the inner hook's gradient bytes plus AGVM's own statistics (no dense counterpart)
+        books = byte_books(self.name, self.step, inner.get("bytes_sent", 0) + self.extra_bytes_last_step,
+                           inner.get("bytes_dense", 0), inner.get("total_bytes_sent", 0) + self.extra_bytes_total,
+                           inner.get("total_bytes_dense", 0), inner.get("skipped_steps", 0))
+        return {**books, "mu": self.multipliers(), "history": list(self.history),
                 "estimator": self.estimator, "extra_bytes_last_step": self.extra_bytes_last_step,
                 "extra_bytes_total": self.extra_bytes_total, "inner": inner}
 
@@ -356,6 +361,7 @@ class AGVMState:
                 "inner": self.inner_state.state_dict() if hasattr(self.inner_state, "state_dict") else {}}
 
     def load_state_dict(self, state: dict, *, on_mismatch: str = "error") -> None:
+        check_on_mismatch(on_mismatch)
         if state.get("method") != "agvm":
             raise ValueError(f"state_dict is for hook {state.get('method')!r}, not 'agvm'")
         if state.get("groups") != list(self.group_names):

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from commlib.coding.codes import GradientCode
 from commlib.coding.ddp import coded_loss  # noqa: F401  (the loss side of the same method)
 from commlib.comm.agree import agree_across_ranks
+from commlib.comm.rank_state import byte_books
 from commlib.hooks.registry import register
 from commlib.hooks.state import check_flat_only
 
@@ -57,6 +58,7 @@ class GradientCodingState:
         self.stragglers = stragglers
         self.step = 0
         self.total_bytes_sent = 0  # dense: the coded gradient is as large as the gradient
+        self.last_step_bytes = self._bytes_this_step = 0
 
     def bind(self) -> GradientCodingState:
         if self.rank is None:
@@ -91,13 +93,16 @@ class GradientCodingState:
             self.step += 1
         buffer = bucket.buffer()
         buffer.mul_(self.coefficient(step) / self.code.n)
-        self.total_bytes_sent += buffer.numel() * buffer.element_size()
+        self._bytes_this_step += buffer.numel() * buffer.element_size()
+        if bucket.is_last():
+            self.total_bytes_sent += self._bytes_this_step
+            self.last_step_bytes, self._bytes_this_step = self._bytes_this_step, 0
         work = dist.all_reduce(buffer, group=self.group, async_op=True)
         return work.get_future().then(lambda fut: fut.value()[0])
 
     def stats(self) -> dict:
-        return {"method": self.name, "step": self.step, "total_bytes_sent": self.total_bytes_sent,
-                "skipped_steps": 0}
+        sent = self.last_step_bytes  # the coded gradient is as large as the gradient: ratio 1
+        return byte_books(self.name, self.step, sent, sent, self.total_bytes_sent, self.total_bytes_sent, 0)
 
     def state_dict(self) -> dict:
         return {"method": self.name, "step": self.step}

@@ -27,9 +27,10 @@ import torch
 
 from commlib.comm.patterns import allgather_payloads, allreduce_mean_, split_like
 from commlib.comm.queue import Comm
+from commlib.comm.rank_state import numel_bytes
 from commlib.compress.base import Compressor
 from commlib.hooks.registry import register
-from commlib.hooks.state import HookState, ParamView, numel_bytes
+from commlib.hooks.state import HookState, ParamView
 from commlib.optim import projectors as pj
 
 RESIDUALS = ("exact", "none")
@@ -49,8 +50,8 @@ class LowRankState(HookState):
     Example::
 
         >>> opt = GaLoreAdamW([{"params": rest}, {"params": matrices, "rank": 64}], lr=1e-3)  # doctest: +SKIP
-        >>> state, hook = hooks.make("lowrank", optimizer=opt, model=model)
-        >>> ddp_model.register_comm_hook(state, hook)
+        >>> state, hook = hooks.make("lowrank", optimizer=opt, model=model)    # doctest: +SKIP
+        >>> ddp_model.register_comm_hook(state, hook)    # doctest: +SKIP
     """
 
     name = "lowrank"

@@ -9,10 +9,11 @@ import torch
 from commlib import ops
 from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm
+from commlib.comm.rank_state import stable_hash
 from commlib.compress.base import require_int
 from commlib.compress.powersgd import orthogonalize_, shared_gaussian
 from commlib.hooks.registry import register
-from commlib.hooks.state import HookState, ParamView, _stable_hash
+from commlib.hooks.state import HookState, ParamView
 
 
 def should_compress(rows: int, cols: int, rank: int, min_compression_rate: float) -> bool:
@@ -143,7 +144,7 @@ class PowerSGDState(HookState):
         """The local rank that compresses parameter ``key`` on the two-level path: a function of the
         key alone (stable across DDP's bucket rebuild and restarts), so each rail compresses
         different whole matrices."""
-        return _stable_hash(key) % self.intra.world_size
+        return stable_hash(key) % self.intra.world_size
 
     def hierarchical_job(self, buffer, views, step, bucket_index):
         """Two levels for low-rank compression: whole matrices are assigned to local ranks

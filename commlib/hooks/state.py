@@ -13,6 +13,25 @@ import torch.distributed as dist
 from commlib.comm.agree import agree_across_ranks
 from commlib.comm.patterns import allreduce_mean_, split_like
 from commlib.comm.queue import Comm, OrderedQueue, PeerFailure, carrying_errors, future_for
+from commlib.comm.rank_state import (
+    FORMAT,
+    agree_on_load,
+    byte_books,
+    check_format,
+    check_on_mismatch,
+    cloned_tensors,
+    missing_tensors,
+    numel_bytes,
+    options_differ,
+    pick_rank_state,
+    require_initialized,
+    settle_load,
+    stable_hash,
+    tensor_keys,
+    tensors_of,
+    tree_to,
+    without_per_rank,
+)
 from commlib.comm.topology import Layout, Topology, check_against_environment, node_groups
 from commlib.compress.base import derive_seed, tensor_is_finite
 
@@ -38,7 +57,6 @@ def strip_ddp_prefix(name: str) -> str:
     return name[len("module.") :] if name.startswith("module.") else name
 
 
-FORMAT = "commlib.hook_state/2"
 HIERARCHICAL = ("auto", True, False)
 def check_hierarchy_options(hierarchical, topology) -> None:
     """Every hook's ``hierarchical=`` (``"auto"``, True or False) and ``topology=`` (a
@@ -59,7 +77,6 @@ def check_flat_only(name: str, hierarchical, topology) -> None:
 
 
 HIERARCHICAL_HOOKS = ("allreduce", "fp16", "bf16", "ef", "ef21", "ef21w", "lowrank", "powersgd", "lgreco")
-ON_MISMATCH = ("error", "reset")
 
 
 class HookState:
@@ -535,7 +552,7 @@ class HookState:
 
     def layer_seed(self, step: int, key: str) -> int:
         """Seed for (step, parameter): equal on every rank, independent of the global RNG."""
-        return derive_seed(self.seed, step, _stable_hash(key))
+        return derive_seed(self.seed, step, stable_hash(key))
 
     def mark_skipped(self, step: int) -> None:
         """Record that ``step``'s aggregate was non-finite (state updates were not committed)."""
@@ -595,16 +612,10 @@ class HookState:
     def stats(self) -> dict:
         payload, dense = self.last_step_payload_bytes, self.last_step_dense_bytes
         return {
-            "method": self.name,
-            "step": self.step,
-            "bytes_sent": payload,
-            "bytes_dense": dense,
-            "compression_ratio": dense / payload if payload else 1.0,
-            "total_bytes_sent": self.total_payload_bytes,
-            "total_bytes_dense": self.total_dense_bytes,
+            **byte_books(self.name, self.step, payload, dense, self.total_payload_bytes, self.total_dense_bytes,
+                         self.skipped_steps),
             "wire_bytes_total": self.queue.comm.bytes_sent if self.queue is not None else 0,
             "resets": self.resets,
-            "skipped_steps": self.skipped_steps,
             "hook_seconds": self.last_step_hook_seconds,
             "hook_seconds_total": self.total_hook_seconds,
             "per_layer": {k: dict(v) for k, v in self.per_layer.items()},
@@ -649,8 +660,7 @@ class HookState:
         (a state of another rank or world size raises ValueError) or ``"reset"`` (drop the per-rank
         buffers and restart with ``start_iter`` dense steps). Options, method and parameter layout
         must always match. Before the process group exists, the load waits for :meth:`bind`."""
-        if on_mismatch not in ON_MISMATCH:
-            raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
+        check_on_mismatch(on_mismatch)
         check_format(state, self.name)
         if self.queue is None and not (dist.is_available() and dist.is_initialized()):
             self._pending_load = (state, on_mismatch)
@@ -667,21 +677,9 @@ class HookState:
         if not self.per_rank_buffers:
             problems = []  # nothing in this state belongs to one rank
         fatal = self._unfit(mine)
-        # every rank decides the same: all load, all reset, or all refuse (a lone reset would
-        # desynchronise the dense warm-up, a lone refusal would leave the others waiting)
-        worst = self._any_rank(2 if fatal else 1 if problems else 0)
-        if fatal:
-            raise ValueError(fatal)
-        if worst == 2:
-            raise ValueError(f"{self.name} hook state: another rank refused its part of the checkpoint (see its "
-                             "error); nothing was loaded")
-        if worst == 1 and on_mismatch == "error":
-            raise ValueError(f"{self.name} hook state: " + "; ".join(problems or ["another rank's state does not fit "
-                             "its rank or world size (see its error)"]) + ". Its error-feedback buffers belong to "
-                             "one rank: save every rank's state (hooks.gather_state_dict(state), or "
-                             "torch.distributed.checkpoint with commlib.checkpoint.HookStateful(state)), or pass "
-                             "on_mismatch='reset' to drop them and restart with the dense warm-up")
-        problems = worst == 1
+        verdict = agree_on_load(fatal, problems, self.queue.group if self.queue is not None else self.process_group)
+        reset = settle_load(f"{self.name} hook", verdict, fatal, problems, on_mismatch,
+                            "Its error-feedback buffers (dropped by a reset, which restarts the dense warm-up)")
         self.step = int(mine["step"])
         self.dense_until = int(mine["dense_until"])
         self.total_payload_bytes = int(mine["total_payload_bytes"])
@@ -689,7 +687,7 @@ class HookState:
         self.skipped_steps = int(mine["skipped_steps"])
         self.resets = int(mine["resets"])
         buffers = mine["buffers"]
-        if problems:
+        if reset:
             buffers = without_per_rank(buffers, self.per_rank_buffers)
             self.dense_until = self.step + self.start_iter
             self.resets += 1
@@ -721,10 +719,6 @@ class HookState:
                     "not have yet; checkpoint hook states with commlib.checkpoint.HookStateful(state)")
         return None
 
-    def _any_rank(self, level: int) -> int:
-        """The largest ``level`` over the ranks of the state's group (one tiny all-reduce)."""
-        return any_rank_max(level, self.queue.group if self.queue is not None else self.process_group)
-
     def move_buffers_to(self, device: torch.device) -> None:
         """Put every buffer on ``device`` (the gradients'): a state loaded with
         ``map_location="cpu"`` would otherwise hand host tensors to a CUDA kernel. Runs once, at the
@@ -739,147 +733,3 @@ class HookState:
 
     def load_buffers_state(self, buffers: dict) -> None:
         pass
-
-
-def require_initialized() -> None:
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("this needs an initialized torch.distributed process group (the state binds at its "
-                           "first hook call, or at state.bind())")
-
-
-def options_differ(saved: dict, now: dict) -> str:
-    """``"k=saved (now current), ..."`` for every option that differs or exists on one side only."""
-    differ = {k: (v, now.get(k)) for k, v in saved.items() if now.get(k) != v}
-    differ.update({k: (None, v) for k, v in now.items() if k not in saved})
-    return ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in sorted(differ.items()))
-
-
-def missing_tensors(part: dict) -> list[str]:
-    """Tensors a saved part lists in ``tensor_keys`` but does not hold (a DCP load into a fresh state)."""
-    return sorted(set(filter(None, part["tensor_keys"].split("\n"))) - set(tensor_keys(part["buffers"])))
-
-
-def any_rank_max(level: int, group=None) -> int:
-    """The largest ``level`` over the ranks of ``group`` (one tiny all-reduce): every rank reaches the
-    same verdict on a load."""
-    if dist.get_world_size(group) == 1:
-        return level
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    flag = torch.tensor([level], dtype=torch.int64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return int(flag.item())
-
-
-def cloned_tensors(tree):
-    """A copy of a nested dict whose tensors are cloned (primitives shared)."""
-    if torch.is_tensor(tree):
-        return tree.detach().clone()
-    if isinstance(tree, dict):
-        return {k: cloned_tensors(v) for k, v in tree.items()}
-    return tree
-
-
-def tensors_of(tree):
-    """Every tensor in a nested dict."""
-    if torch.is_tensor(tree):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from tensors_of(v)
-
-
-def tree_to(tree, device):
-    """A copy of a nested dict with every tensor on ``device``."""
-    if torch.is_tensor(tree):
-        return tree.to(device)
-    if isinstance(tree, dict):
-        return {k: tree_to(v, device) for k, v in tree.items()}
-    return tree
-
-
-def tensor_keys(tree, prefix: str = "") -> list[str]:
-    """Paths of every tensor in a nested dict (what a checkpoint must bring back)."""
-    out = []
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        if torch.is_tensor(v):
-            out.append(path)
-        elif isinstance(v, dict):
-            out.extend(tensor_keys(v, path + "/"))
-    return sorted(out)
-
-
-def check_format(state, method: str) -> None:
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"not a commlib hook state of format {FORMAT!r} (got {type(state).__name__}"
-                         f"{' with format ' + repr(state.get('format')) if isinstance(state, dict) else ''}); "
-                         "states carry their rank and world size since this format")
-    if state.get("method") != method:
-        raise ValueError(f"state_dict is for hook {state.get('method')!r}, not {method!r}")
-
-
-def is_rank_key(key) -> bool:
-    """``rank{r}``: the key of one rank's part of a state dict."""
-    return isinstance(key, str) and key.startswith("rank") and key[4:].isdigit()
-
-
-def saved_ranks(state: dict) -> list[int]:
-    return sorted(int(k[4:]) for k in state if is_rank_key(k))
-
-
-def without_per_rank(buffers: dict, names) -> dict:
-    """``buffers`` with the entries in ``names`` (those that belong to one rank) emptied."""
-    return {k: ({} if k in names else v) for k, v in buffers.items()}
-
-
-def pick_rank_state(state: dict, rank: int, world: int, method: str) -> tuple[dict, list[str]]:
-    """This rank's part of a (possibly gathered) state dict, and what does not fit: another rank's
-    state, or another world size. With no part of this rank, the lowest saved rank's is returned."""
-    ranks = saved_ranks(state)
-    if not ranks:
-        raise ValueError(f"{method} hook state holds no rank's state")
-    problems = []
-    if int(state["world_size"]) != world:
-        problems.append(f"saved in a world of {state['world_size']}, loading in a world of {world}")
-    mine = state.get(f"rank{rank}")
-    if mine is None:
-        problems.append(f"state of rank {', '.join(map(str, ranks))} loaded on rank {rank}")
-        mine = state[f"rank{ranks[0]}"]
-    return mine, problems
-
-
-def merge_rank_states(states: list):
-    """Union of several ranks' state dicts: ``rank{r}`` parts side by side (recursively, for
-    wrappers such as AGVM whose inner state is nested); other entries from the first."""
-    first = states[0]
-    if not isinstance(first, dict):
-        return first
-    out = {}
-    for key in {k for s in states for k in s}:
-        values = [s[key] for s in states if key in s]
-        out[key] = merge_rank_states(values) if isinstance(values[0], dict) else values[0]
-    return out
-
-
-def gather_state_dict(state) -> dict:
-    """Every rank's ``state.state_dict()`` in one dict (a collective: call it on every rank). Rank 0
-    saves it; every rank loads the same file with ``state.load_state_dict`` and takes its own part."""
-    require_initialized()
-    group = getattr(state, "process_group", None)
-    mine = state.state_dict()
-    everyone = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    return merge_rank_states(everyone)
-
-
-def _stable_hash(key: str) -> int:
-    """A process-independent 32-bit hash of a parameter key (Python's hash() is salted)."""
-    h = 2166136261
-    for byte in key.encode():
-        h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
-    return h
-
-
-def numel_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-

@@ -108,7 +108,7 @@ def init_process_group(backend: str = "gloo", timeout: datetime.timedelta | None
     Example::
 
         >>> from commlib.launch.elastic import init_process_group   # doctest: +SKIP
-        >>> init_process_group("nccl")                             # under torchrun --max-restarts N
+        >>> init_process_group("nccl")                             # under torchrun --max-restarts N # doctest: +SKIP
     """
     timeout = timeout or datetime.timedelta(minutes=10)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":

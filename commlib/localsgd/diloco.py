@@ -13,9 +13,9 @@ from torch import nn
 from commlib.comm.agree import agree_across_ranks
 from commlib.comm.patterns import TwoPhaseEF, allgather_payloads, allreduce_mean_, split_like
 from commlib.comm.queue import Comm, OrderedQueue
+from commlib.comm.rank_state import byte_books, stable_hash, tensor_keys
 from commlib.compress.base import Compressor, derive_seed
 from commlib.hooks.ef import COLLECTIVES, check_compressor, sum_summable_payloads, write_sparse_mean
-from commlib.hooks.state import _stable_hash, tensor_keys
 
 FORMAT = "commlib.localsgd/1"
 
@@ -185,7 +185,7 @@ class DiLoCo:
         # books
         self.payload_bytes_total = 0
         self.dense_bytes_total = 0
-        self.last_sync_payload_bytes = 0
+        self.last_sync_payload_bytes = self.last_sync_dense_bytes = 0
         self.queue: OrderedQueue | None = None
         self.closed = False
         if dist.is_available() and dist.is_initialized():
@@ -296,7 +296,7 @@ class DiLoCo:
             self._book(dense, dense)
             return [m.clone() for m in split_like(flat, deltas)], bool(torch.isfinite(flat).all())
         c = self.compressor
-        seeds = [derive_seed(self.seed, index, _stable_hash(k)) for k in keys]
+        seeds = [derive_seed(self.seed, index, stable_hash(k)) for k in keys]
         previous = [self.residuals.get(k) if self.error_feedback else None for k in keys]
         self._book(sum(c.nbytes(d.shape, d.dtype) for d in deltas), dense)
         if self.collective == "two_phase":
@@ -337,6 +337,7 @@ class DiLoCo:
         self.payload_bytes_total += payload
         self.dense_bytes_total += dense
         self.last_sync_payload_bytes = payload
+        self.last_sync_dense_bytes = dense
 
     # ------------------------------------------------------------------ books
     def memory_bytes(self) -> dict:
@@ -352,13 +353,13 @@ class DiLoCo:
         """Bytes per sync and per inner step (this replica's payload, by the algorithm's count),
         the compression ratio, syncs and skips, and the extra memory."""
         syncs = max(self.syncs, 1)
-        return {"inner_steps": self.inner_steps, "syncs": self.syncs, "skipped_syncs": self.skipped_syncs,
-                "payload_bytes_total": self.payload_bytes_total, "dense_bytes_total": self.dense_bytes_total,
+        # the common books count per sync: "step" is the inner step, "bytes_*" the last sync's
+        return {**byte_books(self.name, self.inner_steps, self.last_sync_payload_bytes, self.last_sync_dense_bytes,
+                             self.payload_bytes_total, self.dense_bytes_total, self.skipped_syncs),
+                "inner_steps": self.inner_steps, "syncs": self.syncs, "skipped_syncs": self.skipped_syncs,
                 "bytes_per_sync": self.payload_bytes_total / syncs,
                 "bytes_per_inner_step": self.payload_bytes_total / max(self.inner_steps, 1),
-                "compression_ratio": self.dense_bytes_total / self.payload_bytes_total
-                if self.payload_bytes_total else math.inf,
-                "last_sync_payload_bytes": self.last_sync_payload_bytes, "memory_bytes": self.memory_bytes()}
+                "memory_bytes": self.memory_bytes()}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from commlib.comm.patterns import ring_bytes
+
 
 def is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor" or hasattr(t, "_local_tensor") and hasattr(t, "device_mesh")
@@ -116,8 +118,7 @@ class CommCounter:
         self.calls = {"all_gather": 0, "all_reduce": 0, "reduce_scatter": 0}
 
     def count(self, kind: str, numel: int, element_size: int, world: int) -> None:
-        factor = 2 if kind == "all_reduce" else 1
-        self.bytes[kind] += factor * (world - 1) * numel * element_size // world
+        self.bytes[kind] += ring_bytes(kind, numel * element_size, world)
         self.calls[kind] += 1
 
     # ---------------------------------------------------------------- collectives

@@ -24,7 +24,7 @@ class DicePrivacyEngine(PrivacyEngine):
     Example::
 
         >>> engine = DicePrivacyEngine(accountant="rdp")                              # doctest: +SKIP
-        >>> module, optimizer, loader = engine.make_private_with_epsilon(
+        >>> module, optimizer, loader = engine.make_private_with_epsilon(    # doctest: +SKIP
         ...     module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
         ...     target_epsilon=4.0, target_delta=1e-5, epochs=10, max_grad_norm=1.0, error_max_grad_norm=1.0)
     """

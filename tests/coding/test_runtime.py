@@ -13,8 +13,8 @@ import torch
 
 from commlib import coding
 from commlib.coding import runtime
-from workloads.coded import digits_problem
 from tests.conftest import run_world
+from workloads.coded import digits_problem
 
 TIMEOUT = 120
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

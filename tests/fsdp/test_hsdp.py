@@ -7,10 +7,10 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from commlib.comm.rank_state import stable_hash
 from commlib.compress import QSGD, Identity, Sign
 from commlib.compress.base import derive_seed
 from commlib.fsdp import compress_gradients
-from commlib.hooks.state import _stable_hash
 from tests.conftest import run_world
 from tests.fsdp.fsdp_harness import full_grads, full_params, local_batch, loss_of, mlp
 
@@ -88,7 +88,7 @@ def test_compressed_replica_all_reduce_equals_its_simulation(compressor, collect
             key = name or "root"
             step = steps.get(key, 0)
             steps[key] = step + 1
-            seed = derive_seed(0, step, _stable_hash(key))
+            seed = derive_seed(0, step, stable_hash(key))
             decoded = []
             for replica, grad in enumerate((in_a, in_b)):
                 v = grad + residuals[replica, key] if (replica, key) in residuals else grad.clone()

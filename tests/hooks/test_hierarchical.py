@@ -10,8 +10,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from commlib import compress, hooks
 from commlib.comm import Topology
+from commlib.comm.rank_state import stable_hash
 from commlib.compress.base import derive_seed
-from commlib.hooks.state import _stable_hash
 from tests.conftest import run_world
 
 from .ddp_harness import Net, batch
@@ -83,7 +83,7 @@ def simulate(name, compressor, collective, steps, key, start_iter=2, seed=0):
                     means.append(sum((slices[k, j] * 0.5 for k in range(2)), torch.zeros(size)))
                     continue
                 skey = f"weight/piece{j}of2"
-                layer_seed = derive_seed(seed, step, _stable_hash(skey))
+                layer_seed = derive_seed(seed, step, stable_hash(skey))
                 payloads = []
                 for k in range(2):
                     v = slices[k, j] + residuals[k, j] if (k, j) in residuals else slices[k, j].clone()
@@ -168,7 +168,7 @@ def simulate_ef21(compressor, steps, smoothness=None, start_iter=2, seed=0):
                         aggregates[j] = mean.clone()
                     means.append(mean)
                     continue
-                layer_seed = derive_seed(seed, step, _stable_hash(f"weight/piece{j}of2"))
+                layer_seed = derive_seed(seed, step, stable_hash(f"weight/piece{j}of2"))
                 messages = [compressor.decompress(compressor.compress(targets[k] - estimates[k, j], seed=layer_seed))
                             for k in range(2)]
                 update = torch.zeros_like(aggregates[j])

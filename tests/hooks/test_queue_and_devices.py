@@ -93,7 +93,7 @@ def _loaded_to_another_device(rank, world):
 
 
 def hooks_tensors(tree):
-    from commlib.hooks.state import tensors_of
+    from commlib.comm.rank_state import tensors_of
 
     return tensors_of(tree)
 

@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from commlib import compress, hooks
+from commlib.comm.rank_state import stable_hash
 from commlib.compress.base import derive_seed
-from commlib.hooks.state import _stable_hash
 from commlib.localsgd import DiLoCo, fragment_offset, fragments_due
 from tests.conftest import run_world
 
@@ -186,7 +186,7 @@ def simulate_manual(world, options, steps):
             idx = [i for i in range(len(keys)) if i % k == frag]
             means = []
             for i in idx:
-                seed = derive_seed(0, index, _stable_hash(keys[i]))
+                seed = derive_seed(0, index, stable_hash(keys[i]))
                 payloads = []
                 for r in range(world):
                     v = synced[i] - local[r][i]
@@ -429,7 +429,7 @@ def test_replicas_inside_nodes_sync_across_the_rail(kind):
         if kind == "ddp":
             assert all(torch.equal(a, b) for a, b in zip(synced, out[0][0]))
     full = 4 * sum(p.numel() for p in small().parameters())
-    dense = out[0][1]["dense_bytes_total"] / 3
+    dense = out[0][1]["total_bytes_dense"] / 3
     assert dense == (full if kind == "ddp" else pytest.approx(full / 2, rel=0.2))
 
 
