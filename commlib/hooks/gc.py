@@ -2,7 +2,7 @@
 
 The data is split into n parts (n = world size). Uncoded DDP has rank i train on part i and averages:
 ``(1/n) sum_i g_i``. With a gradient code, rank i computes the coded combination
-``f_i = sum_j B[i, j] g_j`` of the parts ``code.parts(i)`` (:func:`coded_loss` weights the part
+``f_i = sum_j B[i, j] g_j`` of the parts ``code.parts(i)`` (:func:`commlib.coding.coded_loss` weights the part
 losses), and the hook returns ``(1/n) sum_{i alive} a_i f_i = (1/n) sum_j g_j`` for the decoding
 coefficients ``a`` of the ranks that did not straggle: the same update as uncoded DDP.
 
@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from commlib.coding.codes import GradientCode
-from commlib.coding.ddp import coded_loss  # noqa: F401  (the loss side of the same method)
 from commlib.comm.agree import agree_across_ranks
 from commlib.comm.rank_state import byte_books
 from commlib.hooks.registry import register
