@@ -10,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.commlib-installed
 
-.PHONY: setup run test kernels bench-kernels clean
+.PHONY: setup run test kernels bench-kernels docs clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,5 +34,8 @@ test: kernels
 	$(PY) -m pytest -q
 	COMMLIB_FORCE_PYTHON=1 $(PY) -m pytest -q tests/ops tests/compress
 
+docs: setup
+	$(PY) -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

@@ -37,6 +37,8 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
 from commlib.comm.agree import agree_across_ranks
+from commlib.comm.rank_state import (FORMAT, LoadVerdict, agree_on_load, byte_books, check_format, options_differ,
+                                     settle_load)
 from commlib.comm.groups import private_group
 from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm
@@ -150,6 +152,8 @@ class DiceSGD(DPOptimizer):
             self.generator = torch.Generator(device=device).manual_seed(seed)  # on the parameters' device
         self.error = [torch.zeros_like(p) for p in self.params]  # E, identical on every rank
         self.dice_steps = 0
+        self.bytes_sent = self.total_bytes_sent = 0  # this rank's all-reduce (and noise broadcast) bytes
+        self.skipped_steps = 0
 
     # ------------------------------------------------------------------ the step
     def clip_and_accumulate(self):
@@ -176,17 +180,40 @@ class DiceSGD(DPOptimizer):
         if self.comm is not None:  # one all-reduce of both sums: the global batch's S_clip and S_raw
             flat = torch.cat([t.reshape(-1) for t in clipped + raw])
             self.comm.all_reduce(flat)
+            sent = flat.numel() * flat.element_size()
             summed = split_like(flat, clipped + raw)
             clipped, raw = summed[: len(clipped)], summed[len(clipped):]
+        else:
+            sent = 0
         v, new_error = dice_update(clipped, raw, self.error, self.error_max_grad_norm * self.error_clip_scale)
         if all(bool(torch.isfinite(e).all()) for e in new_error):
             self.error = new_error
+        else:
+            self.skipped_steps += 1  # E kept; the non-finite update still reaches the parameters' grads
         std = self.noise_multiplier * self.max_grad_norm * self.kappa
         for p, value, noise in zip(self.params, v, self.draw_noise(std, v)):
             p.grad = (value + noise).view_as(p)
             p.summed_grad = None
             p.summed_raw = None
+        if self.noise_from_rank0 and self.comm is not None and std != 0:
+            sent += sum(t.numel() * t.element_size() for t in v)
+        self.bytes_sent = sent
+        self.total_bytes_sent += sent
         self.dice_steps += 1
+
+    def dense_bytes(self) -> int:
+        """What plain data parallelism sends per step: one all-reduce of the gradients."""
+        if self.comm is None:
+            return 0
+        return sum(p.numel() * p.element_size() for p in self.params)
+
+    def stats(self) -> dict:
+        """The books (:func:`commlib.comm.rank_state.byte_books`): DiceSGD sends twice the dense bytes,
+        S_clip and S_raw in one all-reduce (plus the noise in secure mode); ``skipped_steps`` counts
+        steps whose new E was non-finite and was not kept."""
+        dense = self.dense_bytes()
+        return byte_books("dicesgd", self.dice_steps, self.bytes_sent, dense if self.dice_steps else 0,
+                          self.total_bytes_sent, dense * self.dice_steps, self.skipped_steps)
 
     def draw_noise(self, std: float, like: list[torch.Tensor]) -> list[torch.Tensor]:
         """``N(0, std^2)`` shaped like each tensor, the same on every rank: drawn on every rank
@@ -212,30 +239,35 @@ class DiceSGD(DPOptimizer):
         super().zero_grad(set_to_none)
 
     # ------------------------------------------------------------------ checkpoints
-    def dice_state_dict(self) -> dict:
-        """E, the step count and the noise generator's state (tensors and ints), with what a load
-        checks: E's shapes, and the batch size and C2 that fix its units (E is identical on every
-        rank, so any rank's state fits any rank)."""
-        shared = self.generator is not None and not self.noise_from_rank0  # secure noise is never replayed
-        return {"error": [e.clone() for e in self.error], "dice_steps": self.dice_steps,
-                "generator": self.generator.get_state() if shared else None,
-                "shapes": [list(e.shape) for e in self.error], "expected_batch_size": self.error_clip_scale,
+    def dice_options(self) -> dict:
+        """What fixes E's meaning: its shapes, and the batch size and C2 that set its units."""
+        return {"shapes": [list(e.shape) for e in self.error], "expected_batch_size": self.error_clip_scale,
                 "error_max_grad_norm": self.error_max_grad_norm}
 
+    def dice_state_dict(self) -> dict:
+        """E, the step count, the books and the noise generator's state (tensors and primitives) in
+        the per-rank state layer's format (:mod:`commlib.comm.rank_state`). E is identical on every
+        rank, so any rank's state fits any rank; the options it was saved under must match."""
+        shared = self.generator is not None and not self.noise_from_rank0  # secure noise is never replayed
+        return {"format": FORMAT, "method": "dicesgd", "options": self.dice_options(),
+                "error": [e.clone() for e in self.error], "dice_steps": self.dice_steps,
+                "total_bytes_sent": self.total_bytes_sent, "skipped_steps": self.skipped_steps,
+                "generator": self.generator.get_state() if shared else None}
+
     def load_dice_state_dict(self, state: dict) -> None:
-        if "shapes" not in state:
-            raise ValueError("DiceSGD state without its shapes and units (saved by an older commlib): refusing it")
-        shapes = [list(e.shape) for e in self.error]
-        if state["shapes"] != shapes:
-            raise ValueError(f"DiceSGD state does not fit these parameters: saved shapes {state['shapes'][:4]}..., "
-                             f"now {shapes[:4]}...")
-        for name, now in [("expected_batch_size", self.error_clip_scale),
-                          ("error_max_grad_norm", self.error_max_grad_norm)]:
-            if float(state[name]) != now:
-                raise ValueError(f"DiceSGD state was saved with {name}={state[name]} (now {now}): the fed-back "
-                                 "error E is in sum units of that batch and clipped at that norm")
-        self.error = [e.clone() for e in state["error"]]
+        """Loads E and the generator; a state saved under other options is refused on every rank."""
+        check_format(state, "dicesgd")
+        differ = options_differ(state["options"], self.dice_options())
+        fatal = (f"DiceSGD state was saved under other options: {differ}. E lives in sum units of the "
+                 "expected batch, is clipped at error_max_grad_norm and has one tensor per parameter, "
+                 "so it does not fit these parameters") if differ else None
+        verdict = (agree_on_load(fatal, [], self.comm.group) if self.comm is not None
+                   else LoadVerdict.REFUSE if fatal else LoadVerdict.LOAD)
+        settle_load("DiceSGD", verdict, fatal, [], "error", "E")
+        self.error = [e.clone().to(p.device) for e, p in zip(state["error"], self.params)]
         self.dice_steps = int(state["dice_steps"])
+        self.total_bytes_sent = int(state["total_bytes_sent"])
+        self.skipped_steps = int(state["skipped_steps"])
         if state["generator"] is not None and not self.noise_from_rank0:
             self.generator.set_state(state["generator"].cpu())
 

@@ -271,3 +271,54 @@ def test_noise_on_cuda_parameters():
     x, y = data(0)
     step(model, opt, x.cuda(), y.cuda())
     assert opt.generator.device.type == "cuda" and torch.isfinite(model._module.weight).all()
+
+
+def _rank0_file(rank, world_size, path, steps, split, c2):
+    """Train ``split`` steps, rank 0 saves one file, every rank builds a fresh optimizer and loads it."""
+    half = B // world_size
+
+    def local(t):
+        x, y = data(t)
+        return x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+
+    model, opt = make(1.3, process_group=None, seed=5)
+    for t in range(split):
+        step(model, opt, *local(t))
+    books = opt.stats()
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+    dist.barrier()
+    saved = torch.load(path, weights_only=True)
+    model, opt = make(1.3, c2=c2, process_group=None, seed=99)
+    model.load_state_dict(saved["model"])
+    try:
+        opt.load_state_dict(saved["opt"])
+    except ValueError as err:
+        return {"refused": str(err)}
+    for t in range(split, steps):
+        step(model, opt, *local(t))
+    return {"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]), "books": books,
+            "after": opt.stats()}
+
+
+def test_rank0_saves_one_file_every_rank_loads_it(tmp_path):
+    """The way users checkpoint: resume is bit-identical to the uninterrupted run, the books carry
+    over, and a file saved under another C2 is refused on every rank."""
+    full = run_world(_distributed, 2, kwargs=dict(steps=8, noise=1.3, seed=5))
+    out = run_world(_rank0_file, 2, kwargs=dict(path=str(tmp_path / "dice.pt"), steps=8, split=3, c2=1.5))
+    assert torch.equal(out[0]["params"], full[0]["params"]) and torch.equal(out[1]["params"], full[0]["params"])
+    dense = 8 * (D + 1)  # float64 weight and bias: DDP's all-reduce
+    assert out[0]["books"]["bytes_sent"] == 2 * dense  # S_clip and S_raw in one all-reduce
+    assert out[0]["books"]["total_bytes_sent"] == 3 * 2 * dense and out[0]["books"]["total_bytes_dense"] == 3 * dense
+    assert out[0]["books"]["compression_ratio"] == 0.5
+    assert out[1]["after"]["step"] == 8 and out[1]["after"]["total_bytes_sent"] == 8 * 2 * dense
+    refused = run_world(_rank0_file, 2, kwargs=dict(path=str(tmp_path / "other.pt"), steps=8, split=3, c2=2.0))
+    assert all("error_max_grad_norm=1.5 (now 2.0)" in r["refused"] for r in refused)
+
+
+def test_single_process_books():
+    model, opt = make(1.1)
+    assert opt.stats()["compression_ratio"] == 1.0  # nothing due yet
+    step(model, opt, *data(0))
+    books = opt.stats()
+    assert books["step"] == 1 and books["bytes_sent"] == books["total_bytes_dense"] == 0  # no process group
