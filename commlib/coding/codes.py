@@ -12,16 +12,16 @@ import math
 
 import numpy as np
 
+from commlib.validation import integer
+
 
 class Undecodable(ValueError):
     """The surviving workers' results do not determine the full gradient."""
 
 
 def _check_ns(n, s) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < n:
-        raise ValueError(f"s must be an integer in [0, n-1] = [0, {n - 1}], got {s!r}")
+    integer("n", n, 1)
+    integer("s", s, 0, n - 1, why=" (at most n - 1 stragglers)")
 
 
 class GradientCode:

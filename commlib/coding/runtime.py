@@ -41,6 +41,7 @@ from torch import nn
 from commlib.coding.codes import Undecodable
 from commlib.coding.sequential import CHUNK, CODED, Task
 from commlib.coding.transport import FAILED
+from commlib.validation import integer, number
 
 ROUND, RESULT, STOP, HELLO = 1, 2, 3, 4
 _KIND_CODES = {CODED: 0, CHUNK: 1}
@@ -95,14 +96,10 @@ class Problem:
     def __init__(self, build_model, inputs: torch.Tensor, targets: torch.Tensor, batch: int, *,
                  models: int = 1, lr: float = 0.1, momentum: float = 0.0, seed: int = 0,
                  held_out: tuple[torch.Tensor, torch.Tensor] | None = None):
-        if isinstance(models, bool) or not isinstance(models, int) or models < 1:
-            raise ValueError(f"models must be an integer >= 1, got {models!r}")
-        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= len(inputs):
-            raise ValueError(f"batch must be an integer in [1, {len(inputs)}], got {batch!r}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        integer("models", models, 1)
+        integer("batch", batch, 1, len(inputs), why=" (the number of training samples)")
+        number("lr", lr, low=0, low_open=True)
+        number("momentum", momentum, low=0, high=1, high_open=True)
         self.build_model, self.inputs, self.targets = build_model, inputs, targets
         self.batch, self.models, self.lr, self.momentum, self.seed = batch, models, lr, momentum, seed
         self.held_out = held_out
@@ -271,8 +268,7 @@ class Worker:
                  compute_repeats: int = 1, die_at_round: int | None = None, idle_timeout: float = 600.0):
         if not 0 <= worker < scheme.n:
             raise ValueError(f"worker must be in [0, {scheme.n}), got {worker!r}")
-        if isinstance(compute_repeats, bool) or not isinstance(compute_repeats, int) or compute_repeats < 1:
-            raise ValueError(f"compute_repeats must be an integer >= 1, got {compute_repeats!r}")
+        integer("compute_repeats", compute_repeats, 1)
         scheme.check_batch(problem.batch)
         self.transport, self.scheme, self.problem, self.worker = transport, scheme, problem, worker
         self.delays, self.compute_repeats, self.die_at_round = delays, compute_repeats, die_at_round
@@ -393,14 +389,11 @@ class Master:
 
     def __init__(self, transport, scheme, problem: Problem, jobs: int, *, mu: float | None = 0.2,
                  dead_after: float = 30.0, startup_timeout: float = 300.0, log=None):
-        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-            raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
-        if mu is not None and not mu >= 0:
-            raise ValueError(f"mu must be >= 0 or None, got {mu!r}")
-        if not dead_after > 0:
-            raise ValueError(f"dead_after must be > 0 seconds, got {dead_after!r}")
-        if not startup_timeout > 0:
-            raise ValueError(f"startup_timeout must be > 0 seconds, got {startup_timeout!r}")
+        integer("jobs", jobs, 1)
+        if mu is not None:
+            number("mu", mu, low=0, why=" (or None)")
+        number("dead_after", dead_after, low=0, low_open=True, finite=False, why=" (seconds)")
+        number("startup_timeout", startup_timeout, low=0, low_open=True, finite=False, why=" (seconds)")
         if problem.models < scheme.T + 1:
             raise ValueError(f"problem.models must be >= T + 1 = {scheme.T + 1} for this scheme, so that a "
                              f"model's next job starts after its previous one is decoded; got {problem.models}")

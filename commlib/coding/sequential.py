@@ -19,6 +19,7 @@ import numpy as np
 
 from commlib.coding.codes import CyclicRepetition, FractionalRepetition, GradientCode, Undecodable
 from commlib.coding.stragglers import StragglerModel
+from commlib.validation import integer
 
 CODED, CHUNK = "coded", "chunk"
 
@@ -70,8 +71,7 @@ class Schedule:
     """
 
     def __init__(self, scheme, jobs: int):
-        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-            raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+        integer("jobs", jobs, 1)
         self.scheme, self.jobs = scheme, jobs
         self.rounds = jobs + scheme.T
         self.arrived: set[tuple] = set()
@@ -122,7 +122,8 @@ class _Scheme:
 
     def check_batch(self, batch: int) -> None:
         unit = self.batch_unit
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < unit or batch % unit:
+        integer("batch", batch, unit, why=f" and a multiple of {unit} for {type(self).__name__}(n={self.n})")
+        if batch % unit:
             raise ValueError(f"batch must be a positive multiple of {unit} for {type(self).__name__}"
                              f"(n={self.n}), got {batch!r}")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from commlib.validation import integer
+
 
 def _as_pattern(pattern) -> np.ndarray:
     p = np.asarray(pattern)
@@ -38,8 +40,7 @@ class StragglerModel:
 
     def __init__(self, B: int, W: int, lam: int):
         for name, value, low in (("B", B, 1), ("W", W, 1), ("lam", lam, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            integer(name, value, low)
         if B > W:
             raise ValueError(f"B must be <= W, got B={B}, W={W}")
         self.B, self.W, self.lam = B, W, lam

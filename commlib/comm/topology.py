@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from commlib.validation import integer
+
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+    return integer(name, value, 1)
 
 
 @dataclass(frozen=True)

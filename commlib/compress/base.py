@@ -58,22 +58,6 @@ def numel_of(shape) -> int:
     return math.prod(shape)
 
 
-def require_int(name: str, value, low: int, high: int | None = None) -> int:
-    """Validate an integer hyper-parameter; the message names the argument and the allowed range."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    if not ok:
-        allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer in {allowed}, got {value!r}")
-    return value
-
-
-def require_fraction(name: str, value) -> float:
-    """Validate a density in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
 class Compressor:
     """Base class. Subclasses implement ``compress``, ``decompress`` and ``nbytes``.
 

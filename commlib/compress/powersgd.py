@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from commlib.compress.base import Compressor, Payload, derive_seed, numel_of, require_int
+from commlib.compress.base import Compressor, Payload, derive_seed, numel_of
+from commlib.validation import integer, number
 
 
 def matrix_shape(shape) -> tuple[int, int]:
@@ -84,9 +85,8 @@ class PowerSGD(Compressor):
     name = "powersgd"
 
     def __init__(self, rank: int = 1, epsilon: float = 0.0):
-        self.rank = require_int("rank", rank, 1)
-        if not isinstance(epsilon, (int, float)) or epsilon < 0:
-            raise ValueError(f"epsilon must be a number >= 0, got {epsilon!r}")
+        self.rank = integer("rank", rank, 1)
+        number("epsilon", epsilon, low=0)
         self.epsilon = float(epsilon)
 
     def config(self):

@@ -3,7 +3,8 @@
 import torch
 
 from commlib import ops
-from commlib.compress.base import Compressor, Payload, numel_of, require_int
+from commlib.compress.base import Compressor, Payload, numel_of
+from commlib.validation import integer
 
 
 class QSGD(Compressor):
@@ -39,8 +40,8 @@ class QSGD(Compressor):
     name = "qsgd"
 
     def __init__(self, bits: int = 8, bucket_size: int = 512):
-        self.bits = require_int("bits", bits, 1, 8)
-        require_int("bucket_size", bucket_size, 8)
+        self.bits = integer("bits", bits, 1, 8)
+        integer("bucket_size", bucket_size, 8)
         if bucket_size % 8:
             raise ValueError(f"bucket_size must be a positive multiple of 8, got {bucket_size!r}")
         self.bucket_size = bucket_size

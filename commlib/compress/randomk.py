@@ -5,8 +5,9 @@ import math
 import torch
 
 from commlib import ops
-from commlib.compress.base import Compressor, Payload, derive_seed, numel_of, require_fraction, require_int
+from commlib.compress.base import Compressor, Payload, derive_seed, numel_of
 from commlib.compress.topk import topk_count
+from commlib.validation import flag, fraction, integer
 
 
 def random_indices(numel: int, k: int, seed: int, device) -> torch.Tensor:
@@ -63,10 +64,9 @@ class RandomK(Compressor):
     name = "randomk"
 
     def __init__(self, density: float = 0.01, seed: int = 0, unbiased: bool = False):
-        self.density = require_fraction("density", density)
-        self.seed = require_int("seed", seed, 0)
-        if not isinstance(unbiased, bool):
-            raise ValueError(f"unbiased must be True or False, got {unbiased!r}")
+        self.density = fraction("density", density)
+        self.seed = integer("seed", seed, 0)
+        flag("unbiased", unbiased)
         self.unbiased = unbiased
 
     def config(self):

@@ -3,7 +3,8 @@
 import torch
 
 from commlib import ops
-from commlib.compress.base import Compressor, Payload, numel_of, require_int
+from commlib.compress.base import Compressor, Payload, numel_of
+from commlib.validation import flag, integer
 
 
 def unscaled_guard(scales: torch.Tensor) -> torch.Tensor:
@@ -40,9 +41,8 @@ class Sign(Compressor):
     name = "sign"
 
     def __init__(self, scaled: bool = True, chunk_size: int = 0):
-        if not isinstance(scaled, bool):
-            raise ValueError(f"scaled must be True or False, got {scaled!r}")
-        require_int("chunk_size", chunk_size, 0)
+        flag("scaled", scaled)
+        integer("chunk_size", chunk_size, 0)
         if chunk_size % 32:
             raise ValueError(f"chunk_size must be 0 or a positive multiple of 32, got {chunk_size!r}")
         self.scaled = scaled

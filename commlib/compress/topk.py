@@ -5,7 +5,8 @@ import math
 import torch
 
 from commlib import ops
-from commlib.compress.base import Compressor, Payload, numel_of, require_fraction
+from commlib.compress.base import Compressor, Payload, numel_of
+from commlib.validation import flag, fraction
 
 
 def topk_count(numel: int, density: float) -> int:
@@ -38,9 +39,8 @@ class TopK(Compressor):
     name = "topk"
 
     def __init__(self, density: float = 0.01, exact: bool = True):
-        self.density = require_fraction("density", density)
-        if not isinstance(exact, bool):
-            raise ValueError(f"exact must be True or False, got {exact!r}")
+        self.density = fraction("density", density)
+        flag("exact", exact)
         self.exact = exact
 
     def config(self):

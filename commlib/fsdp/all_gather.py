@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 from commlib.comm.rank_state import byte_books
-from commlib.compress.base import require_int
 from commlib.fsdp.codec import BufferPool
 from commlib.fsdp.torch_internals import AllGather
+from commlib.validation import integer
 
 
 def quantize_int8_blocks(x: torch.Tensor, block_size: int, codes_out: torch.Tensor | None = None,
@@ -67,7 +67,7 @@ class QuantizedAllGather(AllGather):
     of mixed-dtype groups) are gathered unchanged."""
 
     def __init__(self, block_size: int = 256, pool: BufferPool | None = None):
-        self.block_size = require_int("block_size", block_size, 8)
+        self.block_size = integer("block_size", block_size, 8)
         if self.block_size % 8:  # the float32 scales follow the int8 codes in one 8-byte aligned message
             raise ValueError(f"block_size must be a multiple of 8 (>= 8), got {block_size!r}")
         self.pool = pool if pool is not None else BufferPool()

@@ -27,6 +27,7 @@ from commlib.fsdp import codec
 from commlib.fsdp.reduce_scatter import CompressedReduceScatter
 from commlib.fsdp.replicate import ReplicaCompression, group_of, module_mesh
 from commlib.fsdp.torch_internals import padded_shard_shapes, restore_default_reduce_scatter
+from commlib.validation import integer, one_of
 
 RESIDUAL_DTYPES = {False: None, True: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -56,15 +57,13 @@ class GradientCompression:
             raise ValueError(f"compressor must be a commlib.compress.Compressor, got {type(compressor).__name__}")
         if not (error_feedback is False or error_feedback is True or error_feedback in ("fp32", "bf16")):
             raise ValueError(f"error_feedback must be False, True (float32 residual) or 'bf16', got {error_feedback!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        integer("seed", seed, 0)
         self.compressor = compressor
         self.error_feedback = {False: False, True: "fp32"}.get(error_feedback, error_feedback)
         self.residual_dtype = RESIDUAL_DTYPES[error_feedback]
         self.process_group = process_group
         self.seed = seed
-        if hierarchical not in ("auto", True, False):
-            raise ValueError(f"hierarchical must be 'auto', True or False, got {hierarchical!r}")
+        one_of("hierarchical", hierarchical, ("auto", True, False))
         self.hierarchical, self.topology = hierarchical, topology
         self._two_hop: dict = {}
         self.comms: list[CompressedReduceScatter] = []

@@ -18,6 +18,7 @@ from commlib.comm.queue import Comm, OrderedQueue
 from commlib.comm.rank_state import byte_books, check_on_mismatch, options_differ
 from commlib.hooks.registry import make, register
 from commlib.hooks.state import HookState, check_flat_only, strip_ddp_prefix
+from commlib.validation import integer, number, one_of
 
 ESTIMATORS = ("halves", "scalar")
 
@@ -144,14 +145,10 @@ class AGVMState:
 
         if model is None:
             raise ValueError("model is required: module groups are parameter-name prefixes")
-        if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
-            raise ValueError(f"tau must be an integer >= 1, got {tau!r}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
-        if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
-            raise ValueError(f"start_iter must be an integer >= 0, got {start_iter!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        integer("tau", tau, 1)
+        number("momentum", momentum, low=0, high=1, high_open=True)
+        integer("start_iter", start_iter, 0)
+        one_of("estimator", estimator, ESTIMATORS)
         if inner == "agvm":
             raise ValueError("inner must be another hook than agvm")
         groups = groups if groups is not None else propose_groups(model)

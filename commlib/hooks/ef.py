@@ -10,6 +10,7 @@ from commlib.comm.queue import Comm
 from commlib.compress.base import Compressor, Payload
 from commlib.hooks.registry import register
 from commlib.hooks.state import HookState, ParamView
+from commlib.validation import flag, one_of
 
 COLLECTIVES = ("auto", "allreduce", "allgather", "two_phase")
 
@@ -65,12 +66,10 @@ class ErrorFeedbackState(HookState):
     def __init__(self, process_group=None, compressor: Compressor | None = None, *, collective: str = "auto",
                  error_feedback: bool = True, **kwargs):
         self.compressor = check_compressor(compressor if compressor is not None else compress.TopK(0.01))
-        if collective not in COLLECTIVES:
-            raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
+        one_of("collective", collective, COLLECTIVES)
         if collective == "allreduce" and not self.compressor.summable:
             raise ValueError(f"collective 'allreduce' needs a summable compressor; {self.compressor!r} is not")
-        if not isinstance(error_feedback, bool):
-            raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
+        flag("error_feedback", error_feedback)
         if collective == "auto":
             collective = "allreduce" if self.compressor.summable else "allgather"
         self.collective = collective

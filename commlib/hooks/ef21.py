@@ -13,6 +13,7 @@ from commlib.hooks.ef import COLLECTIVES, check_compressor, sum_summable_payload
 from commlib.hooks.ef21_theory import ef21w_weights
 from commlib.hooks.registry import register
 from commlib.hooks.state import HookState, ParamView
+from commlib.validation import integer, number
 
 
 def ef21_message(target: torch.Tensor, estimate: torch.Tensor, compressor: Compressor, seed: int):
@@ -251,10 +252,8 @@ class EF21WState(EF21State):
 
     def __init__(self, process_group=None, compressor: Compressor | None = None, *, smoothness=None,
                  estimate_every: int = 50, smoothing: float = 0.9, **kwargs):
-        if isinstance(estimate_every, bool) or not isinstance(estimate_every, int) or estimate_every < 2:
-            raise ValueError(f"estimate_every must be an integer >= 2, got {estimate_every!r}")
-        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
-            raise ValueError(f"smoothing must be a number in [0, 1), got {smoothing!r}")
+        integer("estimate_every", estimate_every, 2)
+        number("smoothing", smoothing, low=0, high=1, high_open=True)
         super().__init__(process_group, compressor, **kwargs)
         if smoothness is not None:
             smoothness = [float(x) for x in smoothness]

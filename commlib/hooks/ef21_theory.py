@@ -11,18 +11,15 @@ import math
 
 from commlib import compress
 from commlib.compress.topk import topk_count
+from commlib.validation import integer, number
 
 
 def _require_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-        raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
-    return float(alpha)
+    return number("alpha", alpha, low=0, high=1, low_open=True)
 
 
 def _require_positive(name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return number(name, value, low=0, low_open=True)
 
 
 def ef21_theta_beta(alpha: float) -> tuple[float, float]:
@@ -96,8 +93,7 @@ def compressor_alpha(compressor, numel: int) -> float:
     * QSGD (unbiased, 2^bits levels per bucket of B): ``E||C(x) - x||^2 <= (B - 1)/(2^bits - 1)^2 ||x||^2``,
       so alpha = 1 - that when it is < 1; otherwise QSGD is not contractive and this raises.
     """
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
-        raise ValueError(f"numel must be an integer >= 1, got {numel!r}")
+    integer("numel", numel, 1)
     if isinstance(compressor, compress.Identity):
         return 1.0
     if isinstance(compressor, compress.Cast):

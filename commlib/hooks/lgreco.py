@@ -17,6 +17,7 @@ from commlib.hooks.lgreco_solver import lowrank_errors, plan_with_fallback, qsgd
 from commlib.hooks.powersgd import PowerSGDState, should_compress
 from commlib.hooks.registry import register
 from commlib.hooks.state import ParamView
+from commlib.validation import integer, number
 
 FAMILIES = ("powersgd", "topk", "qsgd")
 
@@ -53,12 +54,10 @@ class LGreCoMixin:
             raise ValueError("candidates must be a non-empty list of settings")
         if default not in candidates:
             raise ValueError(f"the default setting {default!r} must be one of the candidates {candidates!r}")
-        if not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
+        number("alpha", alpha, low=0, low_open=True)
         for name, value, low in [("retune_every", retune_every, 1), ("accumulate_steps", accumulate_steps, 1),
                                  ("error_buckets", error_buckets, 10)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            integer(name, value, low)
         if accumulate_steps > retune_every:
             raise ValueError(f"accumulate_steps must be <= retune_every ({retune_every}), got {accumulate_steps}")
         self.family = family
@@ -258,8 +257,8 @@ class LGreCoPowerSGDState(LGreCoMixin, PowerSGDState):
                  accumulate_steps: int = 10, error_buckets: int = 10_000, **kwargs):
         default = kwargs.get("rank", kwargs.get("matrix_approximation_rank", 1))
         self._init_lgreco("powersgd", candidates, default, alpha, retune_every, accumulate_steps, error_buckets)
-        if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.candidates):
-            raise ValueError(f"candidates must be ranks >= 1, got {self.candidates!r}")
+        for c in self.candidates:
+            integer("each of candidates (PowerSGD ranks)", c, 1)
         super().__init__(process_group, **kwargs)
 
     def candidate_table(self, grad, dtype):

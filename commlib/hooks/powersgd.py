@@ -10,10 +10,10 @@ from commlib import ops
 from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm
 from commlib.comm.rank_state import stable_hash
-from commlib.compress.base import require_int
 from commlib.compress.powersgd import orthogonalize_, shared_gaussian
 from commlib.hooks.registry import register
 from commlib.hooks.state import HookState, ParamView
+from commlib.validation import flag, integer, number
 
 
 def should_compress(rows: int, cols: int, rank: int, min_compression_rate: float) -> bool:
@@ -76,16 +76,13 @@ class PowerSGDState(HookState):
                  min_compression_rate: float = 2.0, use_error_feedback: bool = True, warm_start: bool = True,
                  orthogonalization_epsilon: float = 0.0, batch_tensors_with_same_shape: bool = False,
                  one_round_per_step: bool = True, **kwargs):
-        self.matrix_approximation_rank = require_int("rank", rank if rank is not None else matrix_approximation_rank, 1)
-        if not isinstance(min_compression_rate, (int, float)) or min_compression_rate < 0:
-            raise ValueError(f"min_compression_rate must be a number >= 0, got {min_compression_rate!r}")
-        for flag, value in [("use_error_feedback", use_error_feedback), ("warm_start", warm_start),
+        self.matrix_approximation_rank = integer("rank", rank if rank is not None else matrix_approximation_rank, 1)
+        number("min_compression_rate", min_compression_rate, low=0, finite=False)
+        for name, value in [("use_error_feedback", use_error_feedback), ("warm_start", warm_start),
                             ("batch_tensors_with_same_shape", batch_tensors_with_same_shape),
                             ("one_round_per_step", one_round_per_step)]:
-            if not isinstance(value, bool):
-                raise ValueError(f"{flag} must be True or False, got {value!r}")
-        if not isinstance(orthogonalization_epsilon, (int, float)) or orthogonalization_epsilon < 0:
-            raise ValueError(f"orthogonalization_epsilon must be a number >= 0, got {orthogonalization_epsilon!r}")
+            flag(name, value)
+        number("orthogonalization_epsilon", orthogonalization_epsilon, low=0)
         self.min_compression_rate = float(min_compression_rate)
         self.use_error_feedback = use_error_feedback
         self.warm_start = warm_start

@@ -34,6 +34,7 @@ from commlib.comm.rank_state import (
 )
 from commlib.comm.topology import Layout, Topology, check_against_environment, node_groups
 from commlib.compress.base import derive_seed, tensor_is_finite
+from commlib.validation import integer, number, one_of
 
 
 @dataclass
@@ -46,11 +47,7 @@ class ParamView:
 
 
 def require_start_iter(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(
-            f"start_iter must be an integer >= 2 (DDP rebuilds its buckets after iteration 1), got {value!r}"
-        )
-    return value
+    return integer("start_iter", value, 2, why=" (DDP rebuilds its buckets after iteration 1)")
 
 
 def strip_ddp_prefix(name: str) -> str:
@@ -61,8 +58,7 @@ HIERARCHICAL = ("auto", True, False)
 def check_hierarchy_options(hierarchical, topology) -> None:
     """Every hook's ``hierarchical=`` (``"auto"``, True or False) and ``topology=`` (a
     :class:`~commlib.comm.Topology` or None), or ``ValueError``."""
-    if hierarchical not in HIERARCHICAL or isinstance(hierarchical, int) and not isinstance(hierarchical, bool):
-        raise ValueError(f"hierarchical must be 'auto', True or False, got {hierarchical!r}")
+    one_of("hierarchical", hierarchical, HIERARCHICAL)
     if topology is not None and not isinstance(topology, Topology):
         raise ValueError(f"topology must be a commlib.comm.Topology, got {topology!r}")
 
@@ -127,14 +123,10 @@ class HookState:
                  timeout: float | None = None, finiteness: str | None = None, hierarchical="auto",
                  topology: Topology | None = None):
         self.start_iter = require_start_iter(start_iter) if self.stateful else max(0, int(start_iter))
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or timeout <= 0):
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-        if finiteness not in (None, "host", "device"):
-            raise ValueError(f"finiteness must be 'host', 'device' or None (device for CUDA buckets), got "
-                             f"{finiteness!r}")
+        integer("seed", seed, 0)
+        if timeout is not None:
+            number("timeout", timeout, low=0, low_open=True, finite=False, why=" (seconds)")
+        one_of("finiteness", finiteness, (None, "host", "device"))  # None: device for CUDA buckets
         check_hierarchy_options(hierarchical, topology)
         self.hierarchical = hierarchical
         self.topology = topology

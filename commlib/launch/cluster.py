@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+from commlib.validation import integer
+
 PREFIX = "commlib"
 REGISTRY = Path("/run/commlib-cluster")  # one file per live cluster: its tag and owner pid
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # so `-m commlib...` works in every child
@@ -119,8 +121,7 @@ class EmulatedCluster:
     """
 
     def __init__(self, nodes: int = 2, bandwidth: str = "1gbit", latency: str = "0.5ms", subnet: int | None = None):
-        if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= 64:
-            raise ValueError(f"nodes must be an integer in [1, 64], got {nodes!r}")
+        integer("nodes", nodes, 1, 64)
         self.nodes = nodes
         self.bandwidth, self.latency = bandwidth, latency
         self.tag = f"{PREFIX}{os.getpid()}x{int(time.time() * 1000) % 100000}"

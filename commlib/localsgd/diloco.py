@@ -4,7 +4,6 @@ steps, then an outer optimizer on the averaged, optionally compressed, outer gra
 from __future__ import annotations
 
 import datetime
-import math
 
 import torch
 import torch.distributed as dist
@@ -16,6 +15,7 @@ from commlib.comm.queue import Comm, OrderedQueue
 from commlib.comm.rank_state import byte_books, stable_hash, tensor_keys
 from commlib.compress.base import Compressor, derive_seed
 from commlib.hooks.ef import COLLECTIVES, check_compressor, sum_summable_payloads, write_sparse_mean
+from commlib.validation import flag, integer, number, one_of
 
 FORMAT = "commlib.localsgd/1"
 
@@ -120,37 +120,31 @@ class DiLoCo:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         for name, value, low in [("sync_every", sync_every, 1), ("fragments", fragments, 1), ("delay", delay, 0)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            integer(name, value, low)
         if fragments > sync_every:
             raise ValueError(f"fragments must be <= sync_every ({sync_every}) so each has its own offset, "
                              f"got {fragments}")
         if delay >= sync_every // fragments:
             raise ValueError(f"delay must be < sync_every / fragments ({sync_every // fragments}): a fragment's "
                              f"sync ends before the next one starts; got {delay}")
-        if not _number(outer_lr) or not outer_lr > 0:
-            raise ValueError(f"outer_lr must be a number > 0, got {outer_lr!r}")
-        if not _number(outer_momentum) or not 0 <= outer_momentum < 1:
-            raise ValueError(f"outer_momentum must be a number in [0, 1), got {outer_momentum!r}")
-        if not _number(mix) or not 0 <= mix < 1:
-            raise ValueError(f"mix must be a number in [0, 1), got {mix!r}")
-        for name, flag in [("nesterov", nesterov), ("error_feedback", error_feedback)]:
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be True or False, got {flag!r}")
+        number("outer_lr", outer_lr, low=0, low_open=True)
+        number("outer_momentum", outer_momentum, low=0, high=1, high_open=True)
+        number("mix", mix, low=0, high=1, high_open=True)
+        flag("nesterov", nesterov)
+        flag("error_feedback", error_feedback)
         if nesterov and outer_momentum == 0 and outer_optimizer is None:
             raise ValueError("nesterov=True needs outer_momentum > 0 (torch's SGD rule); pass nesterov=False")
         if outer_optimizer is not None and not callable(outer_optimizer):
             raise ValueError("outer_optimizer must be a callable params -> torch.optim.Optimizer")
         if compressor is not None:
             check_compressor(compressor)
-        if collective not in COLLECTIVES:
-            raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
+        one_of("collective", collective, COLLECTIVES)
         if collective == "allreduce" and compressor is not None and not compressor.summable:
             raise ValueError(f"collective 'allreduce' needs a summable compressor; {compressor!r} is not")
         if collective == "auto":
             collective = "allreduce" if compressor is None or compressor.summable else "allgather"
-        if timeout is not None and (not _number(timeout) or timeout <= 0):
-            raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+        if timeout is not None:
+            number("timeout", timeout, low=0, low_open=True, why=" (seconds) or None")
         self.model = model
         self.inner_optimizer = inner_optimizer
         self.sync_every, self.fragments, self.delay, self.mix = sync_every, fragments, delay, float(mix)
@@ -445,7 +439,3 @@ def _completed(value) -> torch.futures.Future:
     fut = torch.futures.Future()
     fut.set_result(value)
     return fut
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -37,17 +37,9 @@ from torch.optim import Optimizer
 from commlib.compress.base import derive_seed
 from commlib.optim import projectors as pj
 from commlib.optim.sharded import CommCounter, local, row_shard_of, wrap
+from commlib.validation import integer, number, one_of
 
 INT_STATE_KEYS = ("dct_indices",)
-
-
-def _require(name, value, ok: bool, allowed: str):
-    if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------- pure math
@@ -135,11 +127,13 @@ class LowRankAdamW(Optimizer):
         # density) makes every group low-rank unless it sets that key to None.
         self.constructor_options = {self.aliases.get(k, k): self.alias_values.get(v, v) if isinstance(v, str) else v
                                     for k, v in group_options.items()}
-        _require("lr", lr, isinstance(lr, (int, float)) and lr >= 0, "a number >= 0")
-        _require("betas", betas, len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)")
-        _require("eps", eps, isinstance(eps, (int, float)) and eps >= 0, "a number >= 0")
-        _require("weight_decay", weight_decay, isinstance(weight_decay, (int, float)) and weight_decay >= 0,
-                 "a number >= 0")
+        number("lr", lr, low=0)
+        if len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        for name, beta in zip(("betas[0]", "betas[1]"), betas):
+            number(name, beta, low=0, high=1, high_open=True)
+        number("eps", eps, low=0)
+        number("weight_decay", weight_decay, low=0)
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
                     "correct_bias": correct_bias}
         super().__init__(params, defaults)
@@ -170,13 +164,11 @@ class LowRankAdamW(Optimizer):
             self.validate_group(group)
 
     def validate_group(self, group: dict) -> None:
-        _require("projector", group["projector"], group["projector"] in pj.PROJECTORS, f"one of {pj.PROJECTORS}")
-        _require("svd_signs", group["svd_signs"], group["svd_signs"] in pj.SVD_SIGNS, f"one of {pj.SVD_SIGNS}")
-        _require("proj_type", group["proj_type"], group["proj_type"] in pj.PROJ_TYPES, f"one of {pj.PROJ_TYPES}")
-        gap = group["update_proj_gap"]
-        _require("update_proj_gap", gap, _is_int(gap) and gap >= 1, "an integer >= 1")
-        seed = group["seed"]
-        _require("seed", seed, _is_int(seed) and seed >= 0, "an integer >= 0")
+        one_of("projector", group["projector"], pj.PROJECTORS)
+        one_of("svd_signs", group["svd_signs"], pj.SVD_SIGNS)
+        one_of("proj_type", group["proj_type"], pj.PROJ_TYPES)
+        integer("update_proj_gap", group["update_proj_gap"], 1)
+        integer("seed", group["seed"], 0)
         for p in group["params"]:
             if p.dim() >= 2:
                 shape = pj.matrix_shape(p.shape)  # the global shape of a sharded (DTensor) parameter
@@ -536,7 +528,7 @@ class FiraAdamW(LowRankAdamW):
 
     def validate_group(self, group):
         super().validate_group(group)
-        _require("residual", group["residual"], group["residual"] in ("paper", "reference"), "'paper' or 'reference'")
+        one_of("residual", group["residual"], ("paper", "reference"))
 
     def needs_residual(self) -> bool:
         return True
@@ -597,21 +589,15 @@ class FrugalAdamW(LowRankAdamW):
                          **group_options)
 
     def validate_group(self, group):
-        rho = group["density"]
-        _require("density", rho, isinstance(rho, (int, float)) and not isinstance(rho, bool) and 0 <= rho <= 1,
-                 "a number in [0, 1]")
-        _require("projector", group["projector"], group["projector"] in pj.PROJECTORS + ("blocks",),
-                 f"one of {pj.PROJECTORS + ('blocks',)}")
-        _require("inactive_update_rule", group["inactive_update_rule"],
-                 group["inactive_update_rule"] in ("sign_sgd", "sgd", "no"), "'sign_sgd', 'sgd' or 'no'")
-        _require("block_order", group["block_order"], group["block_order"] in ("random", "ascending", "descending"),
-                 "'random', 'ascending' or 'descending'")
-        _require("svd_signs", group["svd_signs"], group["svd_signs"] in pj.SVD_SIGNS, f"one of {pj.SVD_SIGNS}")
+        number("density", group["density"], low=0, high=1)
+        one_of("projector", group["projector"], pj.PROJECTORS + ("blocks",))
+        one_of("inactive_update_rule", group["inactive_update_rule"], ("sign_sgd", "sgd", "no"))
+        one_of("block_order", group["block_order"], ("random", "ascending", "descending"))
+        one_of("svd_signs", group["svd_signs"], pj.SVD_SIGNS)
         if group["projector"] != "blocks":
             super().validate_group(group)
         else:
-            gap = group["update_proj_gap"]
-            _require("update_proj_gap", gap, _is_int(gap) and gap >= 1, "an integer >= 1")
+            integer("update_proj_gap", group["update_proj_gap"], 1)
 
     def needs_residual(self) -> bool:
         return any(self.is_low_rank_group(g) and g["inactive_update_rule"] != "no" for g in self.param_groups)

@@ -17,6 +17,8 @@ from functools import lru_cache
 
 import torch
 
+from commlib.validation import integer
+
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJECTORS = ("svd", "random", "dct")
 LEFT, RIGHT = 0, 1
@@ -24,8 +26,7 @@ LEFT, RIGHT = 0, 1
 
 def check_rank(rank, shape: tuple[int, int], side: int | None = None) -> int:
     """``rank`` must be an int in [1, the projected dimension]."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    integer("rank", rank, 1)
     limit = min(shape) if side is None else (shape[1] if side == RIGHT else shape[0])
     if rank > limit:
         raise ValueError(f"rank must be <= {limit} for a {shape[0]} x {shape[1]} gradient, got {rank}")

@@ -37,11 +37,19 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
 from commlib.comm.agree import agree_across_ranks
-from commlib.comm.rank_state import (FORMAT, LoadVerdict, agree_on_load, byte_books, check_format, options_differ,
-                                     settle_load)
 from commlib.comm.groups import private_group
 from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm
+from commlib.comm.rank_state import (
+    FORMAT,
+    LoadVerdict,
+    agree_on_load,
+    byte_books,
+    check_format,
+    options_differ,
+    settle_load,
+)
+from commlib.validation import number
 
 
 def global_clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -72,18 +80,12 @@ def noise_inflation(max_grad_norm: float, error_max_grad_norm: float) -> float:
 
 
 def check_dice_arguments(noise_multiplier, max_grad_norm, error_max_grad_norm, expected_batch_size) -> None:
-    def number(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    if not number(max_grad_norm) or max_grad_norm <= 0:
-        raise ValueError(f"max_grad_norm (C1) must be a number > 0, got {max_grad_norm!r}")
-    if not number(error_max_grad_norm) or error_max_grad_norm < max_grad_norm:
-        raise ValueError(f"error_max_grad_norm (C2) must be a number >= max_grad_norm ({max_grad_norm}) as the "
-                         f"theory requires, got {error_max_grad_norm!r}")
-    if not number(noise_multiplier) or noise_multiplier < 0:
-        raise ValueError(f"noise_multiplier must be a number >= 0, got {noise_multiplier!r}")
-    if expected_batch_size is not None and (not number(expected_batch_size) or expected_batch_size <= 0):
-        raise ValueError(f"expected_batch_size must be a number > 0, got {expected_batch_size!r}")
+    number("max_grad_norm (C1)", max_grad_norm, low=0, low_open=True)
+    number("error_max_grad_norm (C2)", error_max_grad_norm, low=max_grad_norm,
+           why=" (max_grad_norm), as the theory requires")
+    number("noise_multiplier", noise_multiplier, low=0)
+    if expected_batch_size is not None:
+        number("expected_batch_size", expected_batch_size, low=0, low_open=True)
 
 
 class DiceSGD(DPOptimizer):

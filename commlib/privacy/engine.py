@@ -5,11 +5,11 @@ from __future__ import annotations
 from opacus import PrivacyEngine
 
 from commlib.privacy.dicesgd import DiceSGD
+from commlib.validation import number
 
 
 def check_delta(delta) -> None:
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
-        raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")
+    number("delta", delta, low=0, high=1, low_open=True, high_open=True)
 
 
 class DicePrivacyEngine(PrivacyEngine):
