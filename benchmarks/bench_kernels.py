@@ -4,7 +4,8 @@
 
 For each op: median time, effective bandwidth (bytes read + written per second), the ratio to
 ``torch.clone``'s bandwidth on the same input measured in the same run (the machine's practical
-memcpy limit), and the speed-up over the op's pure-PyTorch reference (``commlib/ops/_reference.py``).
+memcpy limit), and the speed-up over the op's pure-PyTorch reference (``commlib.ops.REFERENCES``,
+defined in the op families of ``commlib/ops/``).
 Top-k is also compared with ``torch.topk`` and its threshold mode reports recall and captured energy.
 Writes ``benchmarks/results/bench_kernels.json``.
 """
@@ -23,7 +24,7 @@ import torch
 
 import commlib
 from commlib import ops
-from commlib.ops import _reference as ref
+from commlib.ops import REFERENCES as ref
 
 DEVICE = torch.device("cpu")  # --device
 
@@ -155,35 +156,35 @@ def main(argv=None) -> int:
     codes8, qs8 = ops.qsgd_quantize(x, 8, 512, 1)
     codes4, qs4 = ops.qsgd_quantize(x, 4, 512, 1)
     cases = [
-        ("sign_pack", lambda: ops.sign_pack(x, 0), lambda: ref.sign_pack(x, 0), 4 * n + n // 8 + 4),
+        ("sign_pack", lambda: ops.sign_pack(x, 0), lambda: ref["sign_pack"](x, 0), 4 * n + n // 8 + 4),
         (
             "sign_unpack",
             lambda: ops.sign_unpack(packed, scales, n, 0),
-            lambda: ref.sign_unpack(packed, scales, n, 0, torch.float32),
+            lambda: ref["sign_unpack"](packed, scales, n, 0, torch.float32),
             n // 8 + 4 * n,
         ),
         (
             "qsgd_quantize 8b",
             lambda: ops.qsgd_quantize(x, 8, 512, 1),
-            lambda: ref.qsgd_quantize(x, 8, 512, 1),
+            lambda: ref["qsgd_quantize"](x, 8, 512, 1),
             4 * n + n + 4 * n // 512,
         ),
         (
             "qsgd_dequantize 8b",
             lambda: ops.qsgd_dequantize(codes8, qs8, 8, 512, n),
-            lambda: ref.qsgd_dequantize(codes8, qs8, 8, 512, n, torch.float32),
+            lambda: ref["qsgd_dequantize"](codes8, qs8, 8, 512, n, torch.float32),
             n + 4 * n // 512 + 4 * n,
         ),
         (
             "qsgd_quantize 4b",
             lambda: ops.qsgd_quantize(x, 4, 512, 1),
-            lambda: ref.qsgd_quantize(x, 4, 512, 1),
+            lambda: ref["qsgd_quantize"](x, 4, 512, 1),
             4 * n + n // 2 + 4 * n // 512,
         ),
         (
             "qsgd_dequantize 4b",
             lambda: ops.qsgd_dequantize(codes4, qs4, 4, 512, n),
-            lambda: ref.qsgd_dequantize(codes4, qs4, 4, 512, n, torch.float32),
+            lambda: ref["qsgd_dequantize"](codes4, qs4, 4, 512, n, torch.float32),
             n // 2 + 4 * n // 512 + 4 * n,
         ),
     ]
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
     topk_s = median_time(lambda: torch.topk(y.abs(), k), args.ref_runs)
     exact_s = median_time(lambda: ops.topk_abs(y, k, True), args.runs)
     thr_s = median_time(lambda: ops.topk_abs(y, k, False), args.runs)
-    ref_s = median_time(lambda: ref.topk_abs(y, k, True), args.ref_runs, warmup=0)
+    ref_s = median_time(lambda: ref["topk_abs"](y, k, True), args.ref_runs, warmup=0)
     _, exact_idx = ops.topk_abs(y, k, True)
     thr_vals, thr_idx = ops.topk_abs(y, k, False)
     recall = torch.isin(thr_idx, exact_idx).sum().item() / k

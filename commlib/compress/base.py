@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from commlib.ops._reference import ef_corrected, hash32_int
+from commlib.ops._common import ef_corrected, hash32_int
 
 
 @dataclass

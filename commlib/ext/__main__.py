@@ -7,7 +7,7 @@ import time
 import torch
 
 from commlib import _ext
-from commlib.ops import _schema
+from commlib.ops import SCHEMAS
 
 
 def main(argv=None) -> int:
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}; kernel sources: {_ext.source_root()}; cache: {_ext.cache_dir()}")
     print(f"load: {status.get('reason', '')} ({elapsed:.1f} s)")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for name in _schema.SCHEMAS:
+    for name in SCHEMAS:
         for device in devices:
             print(f"  commlib::{name:<16} {device:<5} {_ext.kernel_backend(device)}")
     if args.command == "build" and status.get("cpu") != "cpp":

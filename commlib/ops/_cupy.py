@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from commlib._build_config import source_root
-from commlib.ops._reference import seed_key
+from commlib.ops._common import seed_key
 
 FLOATS = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 INDICES = {torch.int32: "int32_t", torch.int64: "int64_t"}

@@ -1,5 +1,5 @@
 // Error feedback for the sparsifiers (top-k, random-k), CPU. Reference:
-// commlib/ops/_reference.py::ef_sparse_residual_ / ef_gather.
+// commlib/ops/sparse.py::ef_sparse_residual_reference / ef_gather_reference.
 #include "common.h"
 
 namespace commlib {

@@ -1,5 +1,5 @@
 // PowerSGD's two full passes over a gradient matrix, fused (CPU, OpenMP). Reference:
-// commlib/ops/_reference.py::powersgd_project / powersgd_backproject_.
+// commlib/ops/powersgd.py::powersgd_project_reference / powersgd_backproject_reference.
 //
 //   project:      M = G + E (written to `m`) and P = M Q in the same pass (Vogels et al. 2019, Alg. 1
 //                 lines 3-4): each row of M is formed, stays in L1, and is dotted with the r columns

@@ -1,5 +1,5 @@
 // QSGD-style b-bit stochastic quantization per bucket, codes bit-packed (CPU, OpenMP).
-// Reference: commlib/ops/_reference.py::qsgd_quantize / qsgd_dequantize.
+// Reference: commlib/ops/qsgd.py::qsgd_quantize_reference / qsgd_dequantize_reference.
 //
 // Layout: elements go in groups of 8; a group of 8 b-bit codes is exactly b bytes, code j of the
 // group in bits [b*j, b*j + b) of that little-endian b-byte word. bucket_size is a multiple of 8,

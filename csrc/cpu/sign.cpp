@@ -1,5 +1,5 @@
 // 1-bit sign packing with per-chunk mean-|x| scales (CPU, OpenMP).
-// Reference: commlib/ops/_reference.py::sign_pack / sign_unpack.
+// Reference: commlib/ops/sign.py::sign_pack_reference / sign_unpack_reference.
 #include "common.h"
 
 #if defined(__SSE2__)

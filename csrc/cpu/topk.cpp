@@ -1,5 +1,5 @@
 // Top-k by magnitude with a sampled threshold pre-filter (CPU, OpenMP).
-// Reference: commlib/ops/_reference.py::topk_abs.
+// Reference: commlib/ops/sparse.py::topk_abs_reference.
 //
 // Order: by magnitude_key descending, ties by index ascending (NaN > inf > finite). Output
 // indices are ascending. exact=true returns exactly that set; exact=false returns the first k

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from commlib import compress, ops
-from commlib.ops import _reference as ref
+from commlib.ops import REFERENCES as ref
 
 EXAMPLES = int(os.environ.get("COMMLIB_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
@@ -155,11 +155,11 @@ def test_contraction_bounds(case, c, seed):
 def test_sign_pack_kernel_equals_reference(case, chunk):
     x = case[0].reshape(-1)
     bits, scales = ops.sign_pack(x, chunk)
-    rbits, rscales = ref.sign_pack(x.contiguous(), chunk)
+    rbits, rscales = ref["sign_pack"](x.contiguous(), chunk)
     assert torch.equal(bits, rbits)
     torch.testing.assert_close(scales, rscales, rtol=1e-6, atol=0, equal_nan=True)
     out = ops.sign_unpack(bits, scales, x.numel(), chunk, x.dtype)
-    torch.testing.assert_close(out, ref.sign_unpack(rbits, rscales, x.numel(), chunk, x.dtype), rtol=1e-6, atol=0,
+    torch.testing.assert_close(out, ref["sign_unpack"](rbits, rscales, x.numel(), chunk, x.dtype), rtol=1e-6, atol=0,
                                equal_nan=True)
 
 
@@ -168,11 +168,11 @@ def test_sign_pack_kernel_equals_reference(case, chunk):
 def test_qsgd_kernel_equals_reference(case, bits, bucket, seed):
     x = case[0].reshape(-1)
     codes, scales = ops.qsgd_quantize(x, bits, bucket, seed)
-    rcodes, rscales = ref.qsgd_quantize(x.contiguous(), bits, bucket, seed)
+    rcodes, rscales = ref["qsgd_quantize"](x.contiguous(), bits, bucket, seed)
     assert torch.equal(codes, rcodes)
     torch.testing.assert_close(scales, rscales, rtol=1e-6, atol=0, equal_nan=True)
     out = ops.qsgd_dequantize(codes, scales, bits, bucket, x.numel(), x.dtype)
-    torch.testing.assert_close(out, ref.qsgd_dequantize(rcodes, rscales, bits, bucket, x.numel(), x.dtype),
+    torch.testing.assert_close(out, ref["qsgd_dequantize"](rcodes, rscales, bits, bucket, x.numel(), x.dtype),
                                rtol=1e-6, atol=0, equal_nan=True)
 
 
@@ -182,7 +182,7 @@ def test_topk_kernel_equals_reference(case, density):
     x = case[0].reshape(-1)
     k = min(x.numel(), max(1, math.ceil(density * x.numel()))) if x.numel() else 0
     values, indices = ops.topk_abs(x, k, True)
-    rvalues, rindices = ref.topk_abs(x.contiguous(), k, True)
+    rvalues, rindices = ref["topk_abs"](x.contiguous(), k, True)
     assert torch.equal(indices.sort().values, rindices.sort().values)
     assert torch.equal(values[indices.argsort()], rvalues[rindices.argsort()])
 

@@ -1,7 +1,7 @@
 // Element-level logic shared by the CPU (C++/OpenMP) and CUDA kernels.
 //
 // Every function here is the single definition of "what happens to one value"; the Python
-// references in commlib/ops/_reference.py compute exactly the same float32 operations in the same
+// references in commlib/ops/{sign,qsgd,sparse}.py compute exactly the same float32 operations in the same
 // order, so kernels and references agree bit for bit. Build with -ffp-contract=off (host) and
 // --fmad=false (device): a fused multiply-add would round differently from the reference.
 #pragma once
