@@ -1,4 +1,6 @@
-"""The base of every commlib hook state: step counter, warm-up, per-parameter views, books, checkpoints."""
+"""The base of every commlib hook state: step counter, warm-up, per-parameter views, books, checkpoints.
+
+It keeps the rules of ``docs/invariants.md`` (cited as "rule N")."""
 
 from __future__ import annotations
 
