@@ -38,6 +38,7 @@ from commlib._build_config import (
     cuda_sources,
     source_root,
 )
+from commlib.validation import one_of
 
 log = logging.getLogger("commlib.ext")
 
@@ -132,8 +133,7 @@ CUDA_BACKENDS = ("auto", "extension", "cupy", "reference")
 
 def cuda_backend_choice() -> str:
     choice = os.environ.get("COMMLIB_CUDA_BACKEND", "auto").strip().lower() or "auto"
-    if choice not in CUDA_BACKENDS:
-        raise ValueError(f"COMMLIB_CUDA_BACKEND must be one of {CUDA_BACKENDS}, got {choice!r}")
+    one_of("COMMLIB_CUDA_BACKEND", choice, CUDA_BACKENDS)
     return choice
 
 

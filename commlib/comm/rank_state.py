@@ -20,6 +20,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from commlib.validation import one_of
+
 FORMAT = "commlib.hook_state/2"
 ON_MISMATCH = ("error", "reset")
 
@@ -33,8 +35,7 @@ class LoadVerdict(enum.IntEnum):
 
 
 def check_on_mismatch(on_mismatch: str) -> None:
-    if on_mismatch not in ON_MISMATCH:
-        raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
+    one_of("on_mismatch", on_mismatch, ON_MISMATCH)
 
 
 def agree_on_load(fatal: str | None, problems: list[str], group=None) -> LoadVerdict:

@@ -3,6 +3,7 @@
 import torch
 
 from commlib.compress.base import Compressor, Payload, numel_of
+from commlib.validation import one_of
 
 _WIRE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -26,8 +27,7 @@ class Cast(Compressor):
     name = "cast"
 
     def __init__(self, dtype: torch.dtype = torch.float16):
-        if dtype not in _WIRE_DTYPES:
-            raise ValueError(f"dtype must be one of torch.float16, torch.bfloat16, torch.float32, got {dtype!r}")
+        one_of("dtype", dtype, _WIRE_DTYPES)
         self.dtype = dtype
 
     def config(self):

@@ -13,7 +13,7 @@ from commlib.hooks.ef import COLLECTIVES, check_compressor, sum_summable_payload
 from commlib.hooks.ef21_theory import ef21w_weights
 from commlib.hooks.registry import register
 from commlib.hooks.state import HookState, ParamView
-from commlib.validation import integer, number
+from commlib.validation import integer, number, one_of
 
 
 def ef21_message(target: torch.Tensor, estimate: torch.Tensor, compressor: Compressor, seed: int):
@@ -70,8 +70,7 @@ class EF21State(HookState):
     def __init__(self, process_group=None, compressor: Compressor | None = None, *, collective: str = "auto",
                  **kwargs):
         self.compressor = check_compressor(compressor if compressor is not None else compress.TopK(0.01))
-        if collective not in COLLECTIVES:
-            raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
+        one_of("collective", collective, COLLECTIVES)
         if collective == "allreduce" and not self.compressor.summable:
             raise ValueError(f"collective 'allreduce' needs a summable compressor; {self.compressor!r} is not")
         if collective == "auto":

@@ -17,7 +17,7 @@ from commlib.hooks.lgreco_solver import lowrank_errors, plan_with_fallback, qsgd
 from commlib.hooks.powersgd import PowerSGDState, should_compress
 from commlib.hooks.registry import register
 from commlib.hooks.state import ParamView
-from commlib.validation import integer, number
+from commlib.validation import integer, number, one_of
 
 FAMILIES = ("powersgd", "topk", "qsgd")
 
@@ -345,8 +345,7 @@ class LGreCoEFState(LGreCoMixin, ErrorFeedbackState):
 @register("lgreco")
 def make_lgreco(process_group=None, family: str = "powersgd", **options):
     """``hooks.make("lgreco", family=...)``: the state for the chosen compression family."""
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    one_of("family", family, FAMILIES)
     if family == "powersgd":
         return LGreCoPowerSGDState(process_group, **options)
     return LGreCoEFState(process_group, family=family, **options)
