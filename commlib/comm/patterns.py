@@ -37,29 +37,21 @@ def ring_bytes(kind: str, nbytes, world: int):
     return factor * (world - 1) * nbytes / world
 
 
-def to_bytes(tensors) -> tuple[torch.Tensor, list[tuple[torch.dtype, torch.Size, int]]]:
-    """Concatenate tensors of any dtypes into one uint8 buffer; the layout rebuilds them."""
-    return pack(tensors)
-
-
-def from_bytes(flat: torch.Tensor, layout) -> list[torch.Tensor]:
-    return unpack(flat, layout)
+def payloads_like(tensors: list[torch.Tensor], templates: list[Payload]) -> list[Payload]:
+    """``tensors`` (the wire tensors of payloads shaped like ``templates``, in order) regrouped into
+    payloads with the templates' shapes, dtypes and shared-seed contexts."""
+    out, start = [], 0
+    for template in templates:
+        count = len(template.tensors)
+        out.append(Payload(tuple(tensors[start : start + count]), template.shape, template.dtype, template.context))
+        start += count
+    return out
 
 
 def allgather_payloads(comm: Comm, payloads: list[Payload]) -> list[list[Payload]]:
     """Every rank's payloads (same layout on all ranks), as ``[rank][i]``, with one all-gather."""
-    flat, layout = to_bytes([t for p in payloads for t in p.tensors])
-    gathered = comm.all_gather(flat)
-    result = []
-    for rank_flat in gathered:
-        tensors = from_bytes(rank_flat, layout)
-        rank_payloads, i = [], 0
-        for p in payloads:
-            n = len(p.tensors)
-            rank_payloads.append(Payload(tuple(tensors[i : i + n]), p.shape, p.dtype, p.context))
-            i += n
-        result.append(rank_payloads)
-    return result
+    flat, layout = pack([t for p in payloads for t in p.tensors])
+    return [payloads_like(unpack(rank_flat, layout), payloads) for rank_flat in comm.all_gather(flat)]
 
 
 def two_phase_alignment(compressor: Compressor, world_size: int) -> int:
@@ -93,13 +85,13 @@ def two_phase_allreduce(
              for c, seed in zip(chunks, seeds)]
     local_hat = [torch.cat([compressor.decompress(p).reshape(-1) for p in per_tensor]) for per_tensor in local]
     # destination-major layout: rank j receives chunk j of every tensor, contiguously
-    flat, layout = to_bytes([t for j in range(n) for per_tensor in local for t in per_tensor[j].tensors])
+    flat, layout = pack([t for j in range(n) for per_tensor in local for t in per_tensor[j].tensors])
     received = comm.all_to_all(flat)
     per_rank = flat.numel() // n
     chunk_layout = layout[: len(layout) // n]
     means = [torch.zeros(c.shape[1], dtype=torch.float32, device=c.device) for c in chunks]
     for src in range(n):  # rank order: the same float sum wherever this chunk is reduced
-        tensors = from_bytes(received[src * per_rank : (src + 1) * per_rank], chunk_layout)
+        tensors = unpack(received[src * per_rank : (src + 1) * per_rank], chunk_layout)
         i = 0
         for t, per_tensor in enumerate(local):
             k = len(per_tensor[0].tensors)
@@ -165,13 +157,13 @@ class TwoPhaseEF:
         self.local = [[compressor.compress_ef(self._piece(g, c, j), self._piece(r, c, j),
                                               seed=derive_seed(seed, 1, j), numel=c) for j in range(n)]
                       for g, r, c, seed in zip(self.grads, self.residuals, self.chunk, seeds)]
-        flat, layout = to_bytes([t for j in range(n) for per_tensor in self.local for t in per_tensor[j].tensors])
+        flat, layout = pack([t for j in range(n) for per_tensor in self.local for t in per_tensor[j].tensors])
         received = comm.all_to_all(flat)
         per_rank = flat.numel() // n
         chunk_layout = layout[: len(layout) // n]
         means = [torch.zeros(c, dtype=torch.float32, device=g.device) for g, c in zip(self.grads, self.chunk)]
         for src in range(n):  # rank order: the same float sum wherever this chunk is reduced
-            tensors = from_bytes(received[src * per_rank : (src + 1) * per_rank], chunk_layout)
+            tensors = unpack(received[src * per_rank : (src + 1) * per_rank], chunk_layout)
             i = 0
             for t, per_tensor in enumerate(self.local):
                 k = len(per_tensor[0].tensors)

@@ -38,10 +38,14 @@ def check_on_mismatch(on_mismatch: str) -> None:
     one_of("on_mismatch", on_mismatch, ON_MISMATCH)
 
 
+def own_verdict(fatal: str | None, problems: list[str]) -> LoadVerdict:
+    """This rank's verdict alone: refuse on a fatal reason, reset on a problem, else load."""
+    return LoadVerdict.REFUSE if fatal else LoadVerdict.RESET if problems else LoadVerdict.LOAD
+
+
 def agree_on_load(fatal: str | None, problems: list[str], group=None) -> LoadVerdict:
     """The verdict of every rank on a load: the worst of the ranks' own (a collective)."""
-    mine = LoadVerdict.REFUSE if fatal else LoadVerdict.RESET if problems else LoadVerdict.LOAD
-    return LoadVerdict(any_rank_max(int(mine), group))
+    return LoadVerdict(any_rank_max(int(own_verdict(fatal, problems)), group))
 
 
 def settle_load(method: str, verdict: LoadVerdict, fatal: str | None, problems: list[str], on_mismatch: str,

@@ -18,6 +18,7 @@ import torch
 
 from commlib.comm import packing
 from commlib.comm.packing import ALIGN, aligned
+from commlib.comm.patterns import payloads_like
 from commlib.compress import Identity, Payload, PowerSGD
 
 
@@ -61,11 +62,6 @@ def segment_compressor(compressor, segment: Segment):
     return compressor
 
 
-def payload_layout(payload: Payload) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
-    """``(shape, dtype, nbytes)`` of each wire tensor of a payload."""
-    return [(tuple(t.shape), t.dtype, t.numel() * t.element_size()) for t in payload.tensors]
-
-
 def pack(payloads: list[Payload], out: torch.Tensor) -> torch.Tensor:
     """Write the wire tensors of ``payloads`` into the uint8 vector ``out``, each 8-byte aligned."""
     return packing.pack([t for p in payloads for t in p.tensors], out, ALIGN)[0]
@@ -74,14 +70,8 @@ def pack(payloads: list[Payload], out: torch.Tensor) -> torch.Tensor:
 def unpack(buffer: torch.Tensor, templates: list[Payload]) -> list[Payload]:
     """The payloads in the uint8 ``buffer``, shaped like ``templates`` (this rank's own payloads of
     the same row: same shapes, dtypes, and the shared-seed context such as random-k's indices)."""
-    tensors = packing.unpack(buffer, [(t.dtype, t.shape, t.numel() * t.element_size())
-                                      for p in templates for t in p.tensors], ALIGN)
-    out, start = [], 0
-    for template in templates:
-        count = len(template.tensors)
-        out.append(Payload(tuple(tensors[start : start + count]), template.shape, template.dtype, template.context))
-        start += count
-    return out
+    tensors = packing.unpack(buffer, packing.layout_of(t for p in templates for t in p.tensors), ALIGN)
+    return payloads_like(tensors, templates)
 
 
 def message_bytes(payloads: list[Payload]) -> int:

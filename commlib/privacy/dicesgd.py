@@ -42,11 +42,12 @@ from commlib.comm.patterns import split_like
 from commlib.comm.queue import Comm
 from commlib.comm.rank_state import (
     FORMAT,
-    LoadVerdict,
     agree_on_load,
     byte_books,
     check_format,
+    numel_bytes,
     options_differ,
+    own_verdict,
     settle_load,
 )
 from commlib.validation import number
@@ -182,7 +183,7 @@ class DiceSGD(DPOptimizer):
         if self.comm is not None:  # one all-reduce of both sums: the global batch's S_clip and S_raw
             flat = torch.cat([t.reshape(-1) for t in clipped + raw])
             self.comm.all_reduce(flat)
-            sent = flat.numel() * flat.element_size()
+            sent = numel_bytes(flat)
             summed = split_like(flat, clipped + raw)
             clipped, raw = summed[: len(clipped)], summed[len(clipped):]
         else:
@@ -198,7 +199,7 @@ class DiceSGD(DPOptimizer):
             p.summed_grad = None
             p.summed_raw = None
         if self.noise_from_rank0 and self.comm is not None and std != 0:
-            sent += sum(t.numel() * t.element_size() for t in v)
+            sent += sum(numel_bytes(t) for t in v)
         self.bytes_sent = sent
         self.total_bytes_sent += sent
         self.dice_steps += 1
@@ -207,7 +208,7 @@ class DiceSGD(DPOptimizer):
         """What plain data parallelism sends per step: one all-reduce of the gradients."""
         if self.comm is None:
             return 0
-        return sum(p.numel() * p.element_size() for p in self.params)
+        return sum(numel_bytes(p) for p in self.params)
 
     def stats(self) -> dict:
         """The books (:func:`commlib.comm.rank_state.byte_books`): DiceSGD sends twice the dense bytes,
@@ -263,8 +264,7 @@ class DiceSGD(DPOptimizer):
         fatal = (f"DiceSGD state was saved under other options: {differ}. E lives in sum units of the "
                  "expected batch, is clipped at error_max_grad_norm and has one tensor per parameter, "
                  "so it does not fit these parameters") if differ else None
-        verdict = (agree_on_load(fatal, [], self.comm.group) if self.comm is not None
-                   else LoadVerdict.REFUSE if fatal else LoadVerdict.LOAD)
+        verdict = agree_on_load(fatal, [], self.comm.group) if self.comm is not None else own_verdict(fatal, [])
         settle_load("DiceSGD", verdict, fatal, [], "error", "E")
         self.error = [e.clone().to(p.device) for e, p in zip(state["error"], self.params)]
         self.dice_steps = int(state["dice_steps"])
